@@ -1,0 +1,177 @@
+"""The decoder: `Block` and `Transformer`. This module composes; attention, FFN and norms live elsewhere.
+
+    tokens (B, S) -> embed -> [ Block: x + attn(attn_norm(x)); x + ffn(ffn_norm(x)) ] x n_layers
+                  -> norm -> head -> logits (B, S, V)
+
+`Transformer.forward` always returns a `ModelOutput` (one fixed return type), whatever the
+features switched on. Decoding passes a `ModelCache`; the positions of the new tokens are taken
+from the cache, so a full forward, a prefill followed by token-by-token decoding, and a chunked
+prefill all give the same logits (tests/test_model.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .attention import Attention, KVCache
+from .config import ModelConfig
+from .ffn import MLP
+from .norm import RMSNorm
+from .rope import precompute_freqs_cis
+
+
+@dataclass
+class ModelOutput:
+    """What `Transformer.forward` returns, always.
+
+    Attributes:
+        logits: (B, S, V) next-token logits, fp32.
+        hidden: (B, S, D) last block's output before the final norm (the MTP modules start from it).
+        aux_loss: () fp32 balancing loss already weighted by its alpha; 0 for a dense model.
+        mtp_logits: one (B, S, V) tensor per MTP depth; empty when the model has none.
+        expert_load: one (E,) tensor of token counts per MoE layer; empty for a dense model.
+    """
+
+    logits: Tensor
+    hidden: Tensor
+    aux_loss: Tensor
+    mtp_logits: list[Tensor] = field(default_factory=list)
+    expert_load: list[Tensor] = field(default_factory=list)
+
+
+class ModelCache:
+    """The KV caches of every layer of one model, filled in lock step.
+
+    Attributes:
+        layers: one `KVCache` per block.
+    """
+
+    def __init__(self, layers: list[KVCache]) -> None:
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        """Positions held (the position of the next token)."""
+        return self.layers[0].length
+
+    def truncate(self, length: int) -> None:
+        """Roll every layer back to `length` positions."""
+        for layer in self.layers:
+            layer.truncate(length)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by all layers' buffers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def _attention(cfg: ModelConfig) -> nn.Module:
+    if cfg.attention == "mla":
+        raise NotImplementedError("attention='mla' is built in deepseek_edu.mla (course notebook 03); "
+                                  "use attention='mha', 'gqa' or 'mqa' until then")
+    return Attention(cfg)
+
+
+def _ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    if cfg.uses_moe and layer_id >= cfg.n_dense_layers:
+        raise NotImplementedError("routed experts are built in deepseek_edu.moe (course notebook 04); "
+                                  "set n_routed_experts=0 until then")
+    return MLP(cfg.dim, cfg.inter_dim)
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block. Shapes: (B, S, D) -> (B, S, D)."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = _attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = _ffn(cfg, layer_id)
+
+    def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model built from a `ModelConfig`.
+
+    Weight names follow DeepSeek's `inference/model.py`: `embed`, `layers.{i}.attn_norm`,
+    `layers.{i}.attn.*`, `layers.{i}.ffn_norm`, `layers.{i}.ffn.*`, `norm`, `head`.
+    With `tie_embeddings` the head *is* the embedding matrix (one tensor, one parameter).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # Rotary factors for every position; derived from cfg, so not part of the state dict.
+        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices; output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights keep their ones
+            scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> ModelCache:
+        """Allocate an empty cache for `batch_size` sequences of up to `max_len` (default max_seq_len) tokens."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        ref = self.embed.weight
+        dtype = dtype or ref.dtype
+        return ModelCache([KVCache(batch_size, max_len, layer.attn.cache_spec(), dtype, ref.device)
+                           for layer in self.layers])
+
+    def _check_tokens(self, tokens: Tensor, start_pos: int) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"tokens must be an integer tensor of shape (B, S), got {tuple(tokens.shape)} "
+                             f"{tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+        if start_pos + tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence too long: positions {start_pos}..{start_pos + tokens.shape[1] - 1} "
+                             f"exceed max_seq_len={self.cfg.max_seq_len}")
+
+    def forward(self, tokens: Tensor, cache: ModelCache | None = None) -> ModelOutput:
+        """Logits for every position of `tokens`.
+
+        Args:
+            tokens: (B, S) integer token ids in [0, vocab_size).
+            cache: a `ModelCache` from `new_cache`; the tokens are placed after what it holds, and
+                it is extended in place. None runs positions 0..S-1 without state.
+        Returns:
+            `ModelOutput` (logits (B, S, V) fp32, hidden (B, S, D), aux_loss ()).
+        Raises:
+            ValueError: on ids out of range, a sequence longer than max_seq_len, or cache overflow.
+        """
+        start_pos = cache.length if cache is not None else 0
+        self._check_tokens(tokens, start_pos)
+        S = tokens.shape[1]
+        freqs_cis = self.freqs_cis[start_pos:start_pos + S]  # (S, R/2)
+        h = self.embed(tokens.long())  # (B, S, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, cache.layers[i] if cache is not None else None)
+        logits = self.head(self.norm(h)).float()  # (B, S, V)
+        return ModelOutput(logits=logits, hidden=h, aux_loss=logits.new_zeros(()))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Distinct parameters (a tied head is counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
