@@ -55,6 +55,11 @@ class KVCache:
         """
         if set(new) != set(self.buffers):
             raise ValueError(f"KVCache.update needs exactly {sorted(self.buffers)}, got {sorted(new)}")
+        for name, t in new.items():  # validate everything before writing anything
+            buf = self.buffers[name]
+            if t.dim() != buf.dim() or t.shape[0] != self.batch_size or t.shape[2:] != buf.shape[2:]:
+                raise ValueError(f"KVCache.update: {name} has shape {tuple(t.shape)}, cache expects "
+                                 f"({self.batch_size}, S, {', '.join(map(str, buf.shape[2:]))})")
         seqs = {t.shape[1] for t in new.values()}
         S = seqs.pop()
         if seqs:
@@ -65,9 +70,6 @@ class KVCache:
         out = {}
         for name, t in new.items():
             buf = self.buffers[name]
-            if t.shape[0] != self.batch_size or t.shape[2:] != buf.shape[2:]:
-                raise ValueError(f"KVCache.update: {name} has shape {tuple(t.shape)}, cache expects "
-                                 f"({self.batch_size}, S, {', '.join(map(str, buf.shape[2:]))})")
             buf[:, self.length:end] = t.to(buf.dtype)
             out[name] = buf[:, :end]
         self.length = end

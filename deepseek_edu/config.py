@@ -23,6 +23,11 @@ GROUP_SCORES = ("top2_sum", "max")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 
 
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check(errors: list[str], ok: bool, message: str) -> None:
     if not ok:
         errors.append(message)
@@ -141,13 +146,15 @@ class ModelConfig:
         e: list[str] = []
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "inter_dim"):
             value = getattr(self, name)
-            _check(e, isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer")
+            _check(e, _is_int(value) and value > 0, f"{name}={value!r} must be a positive integer")
         for name in (
             "head_dim", "n_kv_heads", "q_lora_rank", "n_dense_layers", "n_routed_experts",
             "n_shared_experts", "n_activated_experts", "n_mtp_depth",
         ):
             value = getattr(self, name)
-            _check(e, isinstance(value, int) and value >= 0, f"{name}={value!r} must be an integer >= 0")
+            _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
+        for name in ("tie_embeddings", "norm_topk_prob"):
+            _check(e, isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be a bool")
         _check(e, self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
         _check(e, self.init_std > 0, f"init_std={self.init_std} must be > 0")
         _check(e, self.attention in ATTENTION_KINDS, f"attention={self.attention!r} must be one of {ATTENTION_KINDS}")
@@ -166,6 +173,9 @@ class ModelConfig:
             elif self.attention == "mha":
                 _check(e, self.n_kv_heads in (0, self.n_heads),
                        f"n_kv_heads={self.n_kv_heads} must be 0 or n_heads={self.n_heads} when attention='mha'")
+            else:  # mqa
+                _check(e, self.n_kv_heads in (0, 1),
+                       f"n_kv_heads={self.n_kv_heads} must be 0 or 1 when attention='mqa' (one shared KV head)")
         else:  # mla
             _check(e, self.kv_lora_rank > 0, f"kv_lora_rank={self.kv_lora_rank} must be > 0 when attention='mla'")
             _check(e, self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
@@ -276,10 +286,10 @@ class TrainConfig:
         e: list[str] = []
         for name in ("vocab_size", "seq_len", "batch_size", "max_steps", "eval_batches"):
             value = getattr(self, name)
-            _check(e, isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer")
+            _check(e, _is_int(value) and value > 0, f"{name}={value!r} must be a positive integer")
         for name in ("warmup_steps", "eval_every", "save_every", "threads"):
             value = getattr(self, name)
-            _check(e, isinstance(value, int) and value >= 0, f"{name}={value!r} must be an integer >= 0")
+            _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
         _check(e, self.lr > 0, f"lr={self.lr} must be > 0")
         _check(e, 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(e, self.schedule in LR_SCHEDULES, f"schedule={self.schedule!r} must be one of {LR_SCHEDULES}")
@@ -323,7 +333,7 @@ class TrainConfig:
 def _real(**kw: Any) -> ModelConfig:
     """A real DeepSeek shape (for accounting: parameters, FLOPs, KV bytes -- never instantiated on CPU)."""
     common = dict(attention="mla", qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                  kv_lora_rank=512, max_seq_len=4096, original_seq_len=4096, tie_embeddings=False)
+                  kv_lora_rank=512, max_seq_len=163840, original_seq_len=4096, tie_embeddings=False)
     common.update(kw)
     return ModelConfig(**common)
 

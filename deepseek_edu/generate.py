@@ -59,17 +59,27 @@ def generate(model: Transformer, prompt: Sequence[int] | Tensor, max_new_tokens:
         prompt: (S0,) ids, or (B, S0) for a batch of equal-length prompts.
         max_new_tokens: tokens to add; stops early when every row has produced `eos_id`.
         temperature, top_k, top_p: see `sample_next` (temperature 0 = greedy).
-        seed: seeds the sampling generator (ignored for greedy).
+        seed: seeds the sampling generator (ignored for greedy); None draws from torch's global RNG.
         eos_id: optional id that ends a row (the row is padded with eos afterwards).
     Returns:
         (B, S0 + n) int64 with n <= max_new_tokens (B = 1 for a 1-D prompt).
     Raises:
-        ValueError: if the prompt is empty or prompt + max_new_tokens exceeds max_seq_len.
+        ValueError: if the prompt is empty or not 1-D / 2-D, max_new_tokens < 0, prompt +
+            max_new_tokens exceeds max_seq_len, or the sampling arguments are invalid (see `sample_next`).
     """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:  # checked before any work, as in sample_next
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     model.eval()
     device = model.embed.weight.device
-    tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    tokens = torch.as_tensor(prompt, device=device)
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"prompt must hold integer token ids, got dtype {tokens.dtype}")
+    tokens = tokens.long()
     tokens = tokens[None] if tokens.dim() == 1 else tokens
+    if tokens.dim() != 2:
+        raise ValueError(f"prompt must be (S0,) or (B, S0), got shape {tuple(tokens.shape)}")
     B, S0 = tokens.shape
     if S0 == 0:
         raise ValueError("generate needs a prompt of at least one token")
@@ -78,9 +88,9 @@ def generate(model: Transformer, prompt: Sequence[int] | Tensor, max_new_tokens:
         raise ValueError(f"prompt ({S0}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                          f"max_seq_len={model.cfg.max_seq_len}")
     generator = None
-    if temperature > 0:
+    if temperature > 0 and seed is not None:
         generator = torch.Generator(device=device)
-        generator.manual_seed(0 if seed is None else seed)
+        generator.manual_seed(seed)
     cache = model.new_cache(B, max_len=total)
     logits = model(tokens, cache).logits[:, -1]  # prefill: (B, V) for the last prompt position
     done = torch.zeros(B, dtype=torch.bool, device=device)

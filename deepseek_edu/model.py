@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .attention import Attention, KVCache
 from .config import ModelConfig
 from .ffn import MLP
+from .mla import MLA
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
 
@@ -69,10 +70,7 @@ class ModelCache:
 
 
 def _attention(cfg: ModelConfig) -> nn.Module:
-    if cfg.attention == "mla":
-        raise NotImplementedError("attention='mla' is built in deepseek_edu.mla (course notebook 03); "
-                                  "use attention='mha', 'gqa' or 'mqa' until then")
-    return Attention(cfg)
+    return MLA(cfg) if cfg.attention == "mla" else Attention(cfg)
 
 
 def _ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
@@ -93,8 +91,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = _ffn(cfg, layer_id)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs_cis, cache)
+    def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None,
+                attn_impl: str | None = None) -> Tensor:
+        h = self.attn_norm(x)
+        x = x + (self.attn(h, freqs_cis, cache) if attn_impl is None else self.attn(h, freqs_cis, cache, impl=attn_impl))
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -129,6 +129,14 @@ class Transformer(nn.Module):
             scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("wo.weight", "w2.weight")) else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) casts complex buffers as well: to a real dtype that keeps only the cosine
+        # and the rotary "rotation" silently becomes a scaling. Keep the complex64 table; move it only.
+        freqs_cis = self._buffers.pop("freqs_cis")
+        super()._apply(fn, recurse)
+        self.register_buffer("freqs_cis", freqs_cis.to(self.embed.weight.device), persistent=False)
+        return self
+
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> ModelCache:
         """Allocate an empty cache for `batch_size` sequences of up to `max_len` (default max_seq_len) tokens."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
@@ -143,6 +151,8 @@ class Transformer(nn.Module):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be an integer tensor of shape (B, S), got {tuple(tokens.shape)} "
                              f"{tokens.dtype}")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must hold at least one position and one row, got shape {tuple(tokens.shape)}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
@@ -150,25 +160,30 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence too long: positions {start_pos}..{start_pos + tokens.shape[1] - 1} "
                              f"exceed max_seq_len={self.cfg.max_seq_len}")
 
-    def forward(self, tokens: Tensor, cache: ModelCache | None = None) -> ModelOutput:
+    def forward(self, tokens: Tensor, cache: ModelCache | None = None, attn_impl: str | None = None) -> ModelOutput:
         """Logits for every position of `tokens`.
 
         Args:
             tokens: (B, S) integer token ids in [0, vocab_size).
             cache: a `ModelCache` from `new_cache`; the tokens are placed after what it holds, and
                 it is extended in place. None runs positions 0..S-1 without state.
+            attn_impl: MLA only: "naive", "absorbed" or "auto" for this call (None = each layer's default).
         Returns:
             `ModelOutput` (logits (B, S, V) fp32, hidden (B, S, D), aux_loss ()).
         Raises:
-            ValueError: on ids out of range, a sequence longer than max_seq_len, or cache overflow.
+            ValueError: on ids out of range, a sequence longer than max_seq_len, cache overflow, or
+                `attn_impl` given for a model without MLA.
         """
+        if attn_impl is not None and self.cfg.attention != "mla":
+            raise ValueError(f"attn_impl={attn_impl!r} applies to attention='mla' only, this model has "
+                             f"attention={self.cfg.attention!r}")
         start_pos = cache.length if cache is not None else 0
         self._check_tokens(tokens, start_pos)
         S = tokens.shape[1]
         freqs_cis = self.freqs_cis[start_pos:start_pos + S]  # (S, R/2)
         h = self.embed(tokens.long())  # (B, S, D)
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, cache.layers[i] if cache is not None else None)
+            h = layer(h, freqs_cis, cache.layers[i] if cache is not None else None, attn_impl)
         logits = self.head(self.norm(h)).float()  # (B, S, V)
         return ModelOutput(logits=logits, hidden=h, aux_loss=logits.new_zeros(()))
 

@@ -77,8 +77,10 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     Returns:
         (B, S, H, R), same dtype as `x` (the rotation itself runs in fp32).
     Raises:
-        ValueError: if R is odd or the shapes disagree.
+        ValueError: if R is odd, the shapes disagree, or `freqs_cis` is not complex.
     """
+    if not freqs_cis.is_complex():  # e.g. cast to a real dtype: only cos would be left, no rotation
+        raise ValueError(f"apply_rotary_emb: freqs_cis must be complex, got {freqs_cis.dtype}")
     if x.shape[-1] % 2 or freqs_cis.shape != (x.shape[1], x.shape[-1] // 2):
         raise ValueError(
             f"apply_rotary_emb: x {tuple(x.shape)} needs freqs_cis of shape "
