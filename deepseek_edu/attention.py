@@ -142,16 +142,19 @@ class Attention(nn.Module):
         if cache is not None:
             kv = cache.update(k=k, v=v)
             k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)  # (B, T, Hkv, Dh), T = start_pos + S
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # each KV head serves `groups` consecutive query heads
-            k = k.repeat_interleave(groups, dim=2)  # (B, T, H, Dh)
-            v = v.repeat_interleave(groups, dim=2)
-        mask = causal_mask(start_pos, S, device=x.device)  # (S, T)
+        G = self.n_heads // self.n_kv_heads  # query heads per KV head (consecutive heads share one)
+        # Fold each KV head's G query heads into the query axis instead of copying K and V G times:
+        # the cache is read once per KV head, which is the whole point of GQA/MQA at decode time.
+        q = q.view(B, S, self.n_kv_heads, G, self.head_dim).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, S, Dh)
+        q = q.reshape(B, self.n_kv_heads, G * S, self.head_dim)  # (B, Hkv, G*S, Dh)
+        # One new position sees every cached one: no mask needed (and SDPA is faster without).
+        mask = causal_mask(start_pos, S, device=x.device).repeat(G, 1) if S > 1 else None  # (G*S, T)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, S|T, Dh)
+            q, k.transpose(1, 2), v.transpose(1, 2),  # (B, Hkv, G*S | T, Dh)
             attn_mask=mask, scale=self.softmax_scale,
-        )  # (B, H, S, Dh)
-        return self.wo(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        )  # (B, Hkv, G*S, Dh)
+        out = out.view(B, self.n_kv_heads, G, S, self.head_dim).permute(0, 3, 1, 2, 4)  # (B, S, Hkv, G, Dh)
+        return self.wo(out.reshape(B, S, self.n_heads * self.head_dim))
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, start_pos: int = 0) -> Tensor:

@@ -260,7 +260,7 @@ class TrainConfig:
     vocab_size: int = 2048  # tokenizer vocabulary (must equal the model's vocab_size)
     seq_len: int = 128  # tokens per training window
     batch_size: int = 16  # windows per optimizer step
-    max_steps: int = 600  # optimizer steps
+    max_steps: int = 300  # optimizer steps
     lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # final learning rate / peak
     warmup_steps: int = 30  # linear warmup from 0

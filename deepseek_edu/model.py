@@ -20,6 +20,7 @@ from .attention import Attention, KVCache
 from .config import ModelConfig
 from .ffn import MLP
 from .mla import MLA
+from .moe import MoE, MoEOutput
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
 
@@ -75,13 +76,15 @@ def _attention(cfg: ModelConfig) -> nn.Module:
 
 def _ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
     if cfg.uses_moe and layer_id >= cfg.n_dense_layers:
-        raise NotImplementedError("routed experts are built in deepseek_edu.moe (course notebook 04); "
-                                  "set n_routed_experts=0 until then")
+        return MoE(cfg)
     return MLP(cfg.dim, cfg.inter_dim)
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer block. Shapes: (B, S, D) -> (B, S, D)."""
+    """One pre-norm Transformer block: attention, then a dense FFN or DeepSeekMoE.
+
+    Shapes: (B, S, D) -> ((B, S, D), the layer's `MoEOutput` or None for a dense FFN).
+    """
 
     def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -92,10 +95,13 @@ class Block(nn.Module):
         self.ffn = _ffn(cfg, layer_id)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None,
-                attn_impl: str | None = None) -> Tensor:
+                attn_impl: str | None = None) -> tuple[Tensor, MoEOutput | None]:
         h = self.attn_norm(x)
         x = x + (self.attn(h, freqs_cis, cache) if attn_impl is None else self.attn(h, freqs_cis, cache, impl=attn_impl))
-        return x + self.ffn(self.ffn_norm(x))
+        f = self.ffn(self.ffn_norm(x))
+        if isinstance(f, MoEOutput):
+            return x + f.y, f
+        return x + f, None
 
 
 class Transformer(nn.Module):
@@ -182,10 +188,28 @@ class Transformer(nn.Module):
         S = tokens.shape[1]
         freqs_cis = self.freqs_cis[start_pos:start_pos + S]  # (S, R/2)
         h = self.embed(tokens.long())  # (B, S, D)
+        aux_loss = torch.zeros((), device=h.device)
+        expert_load = []
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs_cis, cache.layers[i] if cache is not None else None, attn_impl)
+            h, moe = layer(h, freqs_cis, cache.layers[i] if cache is not None else None, attn_impl)
+            if moe is not None:
+                aux_loss = aux_loss + moe.aux_loss
+                expert_load.append(moe.load)
         logits = self.head(self.norm(h)).float()  # (B, S, V)
-        return ModelOutput(logits=logits, hidden=h, aux_loss=logits.new_zeros(()))
+        return ModelOutput(logits=logits, hidden=h, aux_loss=aux_loss, expert_load=expert_load)
+
+    def moe_layers(self) -> list[MoE]:
+        """The DeepSeekMoE layers, in depth order (empty for a dense model)."""
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def update_router_biases(self) -> list[Tensor]:
+        """Auxiliary-loss-free balancing: call once per optimizer step, after `optimizer.step()`.
+
+        Each MoE layer moves its selection bias by bias_update_speed * sign(mean load - load) using
+        the tokens routed since the previous call (all micro-batches of the step). Returns those
+        per-layer loads (E,) for logging (MaxVio).
+        """
+        return [moe.update_bias() for moe in self.moe_layers()]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Distinct parameters (a tied head is counted once)."""

@@ -260,11 +260,19 @@ def test_batch_mismatch_with_cache_raises():
         model(_tokens(3, 4), cache)
 
 
-def test_routed_experts_not_built_yet():
+def test_dense_then_moe_layers():
+    from deepseek_edu.ffn import MLP
+    from deepseek_edu.moe import MoE
+
     cfg = _cfg(n_routed_experts=4, n_activated_experts=2, n_dense_layers=1)
-    with pytest.raises(NotImplementedError, match="notebook 04"):
-        Transformer(cfg)
-    Transformer(cfg.replace(n_dense_layers=2))  # all layers dense: fine
+    model = Transformer(cfg)
+    kinds = [type(layer.ffn) for layer in model.layers]
+    assert kinds == [MLP] + [MoE] * (cfg.n_layers - 1), kinds
+    out = model(_tokens(2, 5))
+    assert len(out.expert_load) == cfg.n_layers - 1
+    assert all(load.sum().item() == 2 * 5 * 2 for load in out.expert_load)
+    dense = Transformer(cfg.replace(n_dense_layers=cfg.n_layers))  # all layers dense
+    assert dense.moe_layers() == [] and dense(_tokens(2, 5)).expert_load == []
 
 
 # --- size, determinism, training -----------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""DeepSeekMoE: fine-grained routed experts, shared experts, the V3 gate and its balancing.
+
+DeepSeekMoE §3, DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2; the survey's §III-B.
+
+    h' = u + sum_shared FFN_s(u) + sum_{i in top-K} g_i * FFN_i(u)
+
+**Fine-grained segmentation**: many small experts (width `moe_inter_dim`), K of them active per
+token, instead of a few large ones. **Shared experts** see every token and hold common knowledge.
+
+**The gate** (`Gate`), where public implementations most often go wrong (FAULTS.md kind A):
+
+1. affinities s = sigmoid(u . e_i) (V3) or softmax (V2), computed in fp32;
+2. a per-expert bias b, used **only to choose**: the top-K is taken over s + b;
+3. group-limited routing: experts sit in `n_expert_groups` groups; a group's score is the sum of its
+   two largest biased scores (V3) or their max (V2); only `n_limited_groups` groups stay, the others
+   are set to -inf (not 0: with negative scores a 0 would win);
+4. the weights come from the **unbiased** s of the chosen experts, normalised to sum 1 (sigmoid
+   gate), then multiplied by `route_scale` exactly once.
+
+**Balancing** (kind B). Auxiliary-loss-free: after each optimizer step, b_i <- b_i + gamma *
+sign(mean load - load_i) from the whole batch's load (`update_bias`); the bias is an fp32 buffer,
+never in the optimizer, never given a gradient. A complementary sequence-wise balance loss (alpha)
+and, for comparison, DeepSeekMoE's expert-level auxiliary loss (alpha_1) are available.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .ffn import MLP
+
+
+class Expert(MLP):
+    """One routed (or shared) expert: a SwiGLU FFN of width `moe_inter_dim`. (..., D) -> (..., D)."""
+
+
+@dataclass
+class Routing:
+    """What the gate decided for N tokens.
+
+    Attributes:
+        weights: (N, K) combine weights, from the unbiased scores, normalised and scaled.
+        indices: (N, K) int64 chosen experts.
+        scores: (N, E) fp32 unbiased affinities (sigmoid or softmax) -- for the balance losses.
+    """
+
+    weights: Tensor
+    indices: Tensor
+    scores: Tensor
+
+
+class Gate(nn.Module):
+    """Router: affinity scores, biased group-limited top-K selection, unbiased weights.
+
+    Args:
+        cfg: uses dim, n_routed_experts (E), n_activated_experts (K), n_expert_groups,
+            n_limited_groups, score_func, group_score, norm_topk_prob, route_scale.
+
+    Weight `weight` (E, D); buffer `bias` (E,) fp32, persistent, no gradient.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.group_score = cfg.score_func, cfg.group_score
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # Keep the selection bias in fp32 whatever `.to(dtype)` is asked: 1e-3 steps vanish in bf16.
+        bias = self._buffers.pop("bias")
+        super()._apply(fn, recurse)
+        self.register_buffer("bias", bias.to(device=self.weight.device, dtype=torch.float32))
+        return self
+
+    def forward(self, x: Tensor) -> Routing:
+        """Route N tokens.
+
+        Args:
+            x: (N, D) hidden states (any float dtype; scores are computed in fp32).
+        Returns:
+            `Routing` with weights (N, K) fp32, indices (N, K) int64, scores (N, E) fp32.
+        """
+        logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: bf16 ties close logits
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores + self.bias  # (N, E) used ONLY to choose
+        if self.n_groups > 1:
+            grouped = biased.view(x.shape[0], self.n_groups, -1)  # (N, n_groups, G)
+            if self.group_score == "max":
+                group_scores = grouped.amax(dim=-1)  # (N, n_groups), V2
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, n_groups), V3
+            kept = group_scores.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            biased = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)  # (N, E)
+        indices = biased.topk(self.topk, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, indices)  # (N, K) from the UNBIASED scores
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * self.route_scale  # exactly once
+        return Routing(weights=weights, indices=indices, scores=scores)
+
+
+# --- balancing ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def update_bias(bias: Tensor, load: Tensor, speed: float) -> Tensor:
+    """Auxiliary-loss-free balancing step (DeepSeek-V3 §2.1.2), in place.
+
+    b_i <- b_i + speed * sign(mean(load) - load_i): overloaded experts become less likely to be chosen.
+
+    Args:
+        bias: (E,) fp32 selection bias (a buffer, not a parameter).
+        load: (E,) tokens routed to each expert over the whole batch of one optimizer step.
+        speed: gamma, the bias update speed (V3: 0.001).
+    Returns:
+        `bias`, updated in place.
+    Raises:
+        ValueError: if shapes differ or the bias is not fp32 (a bf16 bias loses 1e-3 steps).
+    """
+    if bias.shape != load.shape:
+        raise ValueError(f"bias {tuple(bias.shape)} and load {tuple(load.shape)} must have the same shape")
+    if bias.dtype != torch.float32:
+        raise ValueError(f"the selection bias must be fp32, got {bias.dtype}")
+    load = load.float()
+    bias += speed * torch.sign(load.mean() - load)
+    return bias
+
+
+def max_violation(load: Tensor) -> float:
+    """MaxVio = (max_i load_i - mean load) / mean load; 0 for a perfect balance (V3 §4.5.2)."""
+    load = load.float()
+    mean = load.mean()
+    return float((load.max() - mean) / mean) if mean > 0 else 0.0
+
+
+def sequence_balance_loss(scores: Tensor, indices: Tensor, n_experts: int, topk: int) -> Tensor:
+    """Complementary sequence-wise balance loss of DeepSeek-V3 §2.1.2, *without* its alpha.
+
+    L = sum_i f_i P_i per sequence, averaged over sequences, with
+    f_i = E / (K T) * #{tokens of the sequence choosing i},  P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+
+    Args:
+        scores: (B, T, E) unbiased affinities.
+        indices: (B, T, K) chosen experts.
+    Returns:
+        () fp32; 1 for a perfectly balanced sequence, up to E for total collapse.
+    """
+    B, T, E = scores.shape
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+        1, indices.reshape(B, -1), torch.ones(B, T * topk, device=scores.device))  # (B, E)
+    f = counts * n_experts / (topk * T)  # (B, E), no gradient (counts are discrete)
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+    return (f * p).sum(dim=-1).mean()
+
+
+def expert_balance_loss(scores: Tensor, indices: Tensor, n_experts: int, topk: int) -> Tensor:
+    """DeepSeekMoE's expert-level balance loss (§4.1), *without* its alpha_1, over all N tokens.
+
+    L = sum_i f_i P_i with f_i = E / (K N) * #{tokens choosing i}, P_i = mean_t s_{i,t}.
+
+    Args:
+        scores: (N, E) unbiased affinities (softmax probabilities in DeepSeekMoE).
+        indices: (N, K) chosen experts.
+    Returns:
+        () fp32.
+    """
+    N = scores.shape[0]
+    counts = torch.bincount(indices.flatten(), minlength=n_experts).float()  # (E,)
+    f = counts * n_experts / (topk * N)
+    return (f * scores.mean(dim=0)).sum()
+
+
+# --- the layer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MoEOutput:
+    """One MoE layer's result: y (B, S, D); aux_loss () weighted by its alphas; load (E,) token counts."""
+
+    y: Tensor
+    aux_loss: Tensor
+    load: Tensor
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts with grouped dispatch.
+
+    Shapes: x (B, S, D) -> `MoEOutput` with y (B, S, D).
+
+    Modules: `gate` (Gate), `experts` (E routed `Expert`s of width moe_inter_dim),
+    `shared_experts` (one `Expert` of width n_shared_experts * moe_inter_dim, as DeepSeek stores it:
+    k shared experts of width m are one SwiGLU of width k * m), absent when n_shared_experts == 0.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.n_routed_experts == 0:
+            raise ValueError("MoE needs n_routed_experts > 0")
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
+        self.bias_update_speed = cfg.bias_update_speed
+        self.seq_aux_loss_alpha, self.expert_aux_loss_alpha = cfg.seq_aux_loss_alpha, cfg.expert_aux_loss_alpha
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
+                               if cfg.n_shared_experts else None)
+        # Tokens per expert since the last bias update (summed over micro-batches of one step).
+        # int64: `.to(torch.bfloat16)` leaves integer buffers alone (bf16 counts are inexact above 256).
+        self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
+                             persistent=False)
+
+    def dispatch(self, x: Tensor, routing: Routing) -> Tensor:
+        """Run each expert once on the tokens routed to it and combine with the weights.
+
+        x (N, D), routing weights/indices (N, K) -> (N, D).
+        """
+        N, K = routing.indices.shape
+        flat_experts = routing.indices.flatten()  # (N*K,) expert of each (token, slot)
+        order = flat_experts.argsort(stable=True)  # group the (token, slot) pairs by expert
+        counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()  # tokens per expert
+        token_of = order // K  # (N*K,) token index of each sorted pair
+        weight_of = routing.weights.flatten()[order]  # (N*K,)
+        x_sorted = x[token_of]  # (N*K, D) tokens laid out expert after expert
+        y = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            out = self.experts[e](x_sorted[start:end]) * weight_of[start:end, None].to(x.dtype)  # (count, D)
+            y.index_add_(0, token_of[start:end], out)
+            start = end
+        return y
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        B, S, D = x.shape
+        flat = x.reshape(B * S, D)  # (N, D)
+        routing = self.gate(flat)
+        y = self.dispatch(flat, routing)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        load = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).float()  # (E,)
+        if self.training:
+            self.load_since_update += load.long()
+        aux = flat.new_zeros((), dtype=torch.float32)
+        if self.seq_aux_loss_alpha > 0:
+            aux = aux + self.seq_aux_loss_alpha * sequence_balance_loss(
+                routing.scores.view(B, S, -1), routing.indices.view(B, S, -1), self.n_experts, self.topk)
+        if self.expert_aux_loss_alpha > 0:
+            aux = aux + self.expert_aux_loss_alpha * expert_balance_loss(
+                routing.scores, routing.indices, self.n_experts, self.topk)
+        return MoEOutput(y=y.view(B, S, D), aux_loss=aux, load=load)
+
+    @torch.no_grad()
+    def update_bias(self) -> Tensor:
+        """Apply `update_bias` with the load gathered since the last call (once per optimizer step).
+
+        Returns the load used (E,); a no-op on the bias when bias_update_speed == 0 or nothing was routed.
+        """
+        load = self.load_since_update.to(torch.float32, copy=True)  # (E,) fp32 copy (zeroed below)
+        if self.bias_update_speed > 0 and load.sum() > 0:
+            update_bias(self.gate.bias, load, self.bias_update_speed)
+        self.load_since_update.zero_()
+        return load
