@@ -1,0 +1,865 @@
+"""Training loop, learning-rate schedules, evaluation and checkpoints that resume exactly.
+
+A training run is a deterministic function of its configs: the seed fixes the initial weights,
+`data.BatchSampler` makes the k-th batch a pure function of (seed, k), and on a CPU every kernel
+is deterministic. So "resume" can have a strict meaning here: 6 straight steps and 3 steps, a
+checkpoint, a fresh process, and 3 more steps must give *bitwise* the same parameters, optimizer
+moments and losses (FAULTS kind K; tests/test_train.py). That only holds if the checkpoint holds
+everything the next step reads:
+
+* the weights -- with tied tensors written once (safetensors refuses two names for one storage)
+  and the tie re-made on load, because a tie that silently becomes two copies trains differently;
+* AdamW's moments *and* its per-parameter step counts (the bias correction depends on them);
+* the LR scheduler's position, which is why the schedule is a `LambdaLR` and not a bare function;
+* the MoE routers' selection biases (fp32 buffers of the model's state dict, moved once per step
+  by `Transformer.update_router_biases`, not by AdamW);
+* the data position (the sampler's batch counter) and every RNG stream: torch CPU (and CUDA),
+  Python's `random`, NumPy's legacy global generator.
+
+Evaluation reads fixed, non-overlapping validation windows and draws no random numbers, so
+evaluating (or not) never shifts the training stream.
+
+Checkpoints are one safetensors file -- never pickle, so loading one cannot run code. A checkpoint
+must also never be half-written: it is written to a temporary file in the same folder, fsync'ed and
+then renamed over the old one (`os.replace` is atomic on POSIX and Windows), so a crash leaves
+either the old or the new file. Reading checks three layers: safetensors validates the header and
+that every tensor's byte range lies inside the file (a truncated file fails here); a SHA-256 stored
+in the metadata covers every tensor's name, dtype, shape and bytes *and* all other metadata (a
+flipped bit anywhere fails here); and the stored `ModelConfig` must equal the one asked for (the
+error names each differing field).
+
+The loss is the mean next-token cross-entropy in nats/token, computed in fp32, plus the model's
+own auxiliary (balancing) loss. Lower is better; ln V is the loss of a uniform guess and the
+unigram entropy of the training tokens the loss of a model that has learned frequencies but no
+context -- a trained model must land clearly below both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import tokenizers
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, TrainConfig
+from .data import (
+    BatchSampler,
+    TokenDataset,
+    Tokenizer,
+    cross_entropy_unigram,
+    iter_eval_batches,
+    load_dataset,
+    load_tokenizer,
+    unigram_entropy,
+)
+from .model import ModelOutput, Transformer
+from .moe import max_violation
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_FORMAT = "deepseek-edu-checkpoint"
+CHECKPOINT_VERSION = 1  # bump when the layout below changes; older readers then refuse clearly
+# TrainConfig fields that may differ when a run is resumed: they do not change what a step computes.
+RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_batches", "save_every", "device", "threads", "out_dir",
+                     "bf16")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupted, of an unknown format, or made for another model."""
+
+
+# --- learning-rate schedule ----------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based) as a fraction of the peak `cfg.lr`.
+
+    With W = warmup_steps, N = max_steps and m = min_lr_ratio:
+
+    * warmup (all schedules), s < W: (s + 1) / (W + 1) -- linear from 0, and the first step
+      already moves (a step at lr 0 would only fill AdamW's moments);
+    * "cosine": m + (1 - m) * (1 + cos(pi * r)) / 2 with r = (s - W) / (N - 1 - W), i.e. the
+      peak at s = W and exactly m at the last step s = N - 1;
+    * "wsd" (warmup-stable-decay): 1 until the last n_d = round(decay_frac * N) steps, then
+      1 - (1 - m) * (s - (N - n_d) + 1) / n_d, reaching m at s = N - 1;
+    * "constant": 1.
+
+    Steps past the end keep the last value.
+
+    Returns:
+        A float in [0, 1].
+    """
+    s = min(step, cfg.max_steps - 1)
+    W, N, m = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+    if s < W:
+        return (s + 1) / (W + 1)
+    if cfg.schedule == "cosine":
+        r = (s - W) / max(N - 1 - W, 1)
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * r))
+    if cfg.schedule == "wsd":
+        n_decay = max(1, round(cfg.decay_frac * N))
+        into_decay = s - (N - n_decay) + 1  # 1 on the first decay step, n_decay on the last
+        return 1.0 if into_decay <= 0 else 1.0 - (1.0 - m) * min(into_decay, n_decay) / n_decay
+    return 1.0  # "constant" (TrainConfig.validate rejects other names)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): ``cfg.lr * lr_multiplier(step, cfg)``."""
+    return cfg.lr * lr_multiplier(step, cfg)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A `LambdaLR` following `lr_multiplier`; call ``.step()`` once after every ``optimizer.step()``.
+
+    A `functools.partial` (not a lambda) so the scheduler's `state_dict` stays JSON-serialisable.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """torch's AdamW with decoupled weight decay on matrices only.
+
+    Parameters with >= 2 dimensions (projections, embedding, head) decay; vectors (RMSNorm
+    weights, biases) do not -- decaying a norm's gain towards 0 only fights the normalisation.
+    A tied head is one parameter and is listed once.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# --- loss and evaluation -------------------------------------------------------------------------------
+
+
+def extra_loss_terms(output: ModelOutput, targets: Tensor) -> dict[str, Tensor]:
+    """Hook for the loss terms that later chapters add to the next-token loss; none exist yet.
+
+    Multi-Token Prediction (chapter 05, DeepSeek-V3 §2.2) will return its weighted term here,
+    ``{"mtp": mtp_loss_weight * mean_k CE_k}``. Until then a model that produces MTP logits is
+    refused rather than trained with its MTP heads silently left out of the loss (FAULTS kind B).
+
+    Returns:
+        name -> () fp32 tensor, already weighted; added to the loss by `lm_loss`.
+    Raises:
+        NotImplementedError: `output.mtp_logits` is not empty.
+    """
+    if output.mtp_logits:
+        raise NotImplementedError("the model returns MTP logits but the MTP loss (deepseek_edu.mtp, "
+                                  "chapter 05) is not wired into train.extra_loss_terms yet")
+    return {}
+
+
+def lm_loss(output: ModelOutput, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Training loss: mean next-token cross-entropy (fp32, nats/token) + the model's aux loss.
+
+    Args:
+        output: the model's `ModelOutput` for inputs x; output.logits is (B, T, V).
+        targets: (B, T) int64, the next token of every position (y[:, t] = x[:, t + 1]).
+    Returns:
+        loss: () fp32 to backpropagate, and metrics (Python floats): "loss" (the total), "ce"
+        (cross-entropy over all B * T positions), "aux_loss", plus one entry per `extra_loss_terms`.
+    Raises:
+        ValueError: logits and targets disagree in (B, T).
+    """
+    logits = output.logits
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} "
+                         f"in (B, T)")
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))  # (B*T, V) vs (B*T,) -> ()
+    aux = output.aux_loss.float()
+    extra = extra_loss_terms(output, targets)
+    loss = ce + aux + sum(extra.values(), torch.zeros((), device=ce.device))
+    metrics = {"loss": loss.item(), "ce": ce.item(), "aux_loss": aux.item()}
+    metrics.update({name: term.item() for name, term in extra.items()})
+    return loss, metrics
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (when cfg.bf16); plain fp32 on CPU."""
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tokens: Tensor, cfg: TrainConfig) -> float:
+    """Mean validation cross-entropy in nats/token over `cfg.eval_batches` fixed batches.
+
+    The windows are `data.iter_eval_batches` (non-overlapping, from the start): the same on every
+    call and free of random numbers, so evaluation never perturbs the training RNG stream. The
+    model runs in eval mode and is put back in train mode afterwards. The aux loss is not included.
+
+    Args:
+        model: the language model (any device).
+        tokens: (N,) int64 validation token ids.
+        cfg: batch_size, seq_len, eval_batches and bf16 are used.
+    Returns:
+        Loss per target token (a short last batch is weighted by its tokens, not as a whole batch).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for x, y in iter_eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+            x, y = x.to(device), y.to(device)
+            with _autocast(device, cfg):
+                logits = model(x).logits  # (b, T, V)
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                     reduction="sum").item()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def _state_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The model's state dict with shared tensors written once.
+
+    Returns:
+        tensors: name -> CPU tensor, each storage once; aliases: dropped name -> kept name (a tied
+        head gives {"head.weight": "embed.weight"}; the MTP modules of V3 share the same way).
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+               t.device)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = t.detach().to("cpu", copy=True).contiguous()  # views of one buffer: separate
+    return tensors, aliases
+
+
+def _digest(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over every tensor (sorted by name: name, dtype, shape, bytes) and every metadata item."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every RNG stream training may read: (tensors, JSON-able metadata)."""
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}  # (5056,) uint8
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s.cpu()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(keys.astype(np.int64))  # (624,) MT19937 words
+    meta = {"python": random.getstate(), "numpy": [kind, int(pos), int(has_gauss), float(gauss)]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = []
+    while f"rng.cuda.{len(cuda)}" in tensors:
+        cuda.append(tensors[f"rng.cuda.{len(cuda)}"])
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, words, gauss = meta["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _write_chunks(f, data: bytes | memoryview) -> None:
+    """Write `data` to the open file `f` in 16 MiB pieces (tests replace this to simulate a crash)."""
+    view = memoryview(data)
+    for i in range(0, len(view), 1 << 24):
+        f.write(view[i:i + (1 << 24)])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file next to `path`, fsync, then rename over `path`.
+
+    A crash at any point leaves `path` either absent, the previous file, or the complete new file
+    (a crashed process may leave a ``.<name>.*.tmp`` file beside it, never a partial `path`).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_chunks(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in checkpoint metadata")
+
+
+def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+                    train_cfg: TrainConfig | None = None, step: int = 0, sampler_state: dict | None = None,
+                    history: list[dict] | None = None, tokenizer: Tokenizer | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write everything needed to continue training to one safetensors file, atomically.
+
+    Layout: tensors ``model.<name>`` (shared storages once), ``optim.<param index>.<key>`` (AdamW's
+    exp_avg, exp_avg_sq, step), ``rng.torch_cpu``, ``rng.cuda.<i>``, ``rng.numpy_keys``; metadata
+    (str -> JSON str): format, format_version, model_config, train_config, aliases, optim_param_groups,
+    optim_scalar_state, scheduler, step, sampler, rng, history, tokenizer (the tokenizer's own JSON,
+    so the checkpoint decodes anywhere), tokenizer_sha256, extra, and sha256 (see `_digest`).
+
+    Args:
+        path: the file to (over)write.
+        model: its config and weights are saved; the CPU RNG state is taken from this process.
+        optimizer, scheduler: saved when given.
+        train_cfg, step, sampler_state, history, tokenizer, extra: saved as metadata when given.
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    tensors, aliases = _state_tensors(model)
+    tensors = {f"model.{k}": v for k, v in tensors.items()}
+    meta: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": int(step),
+        "model_config": model.cfg.to_dict(), "aliases": aliases,
+        "train_config": train_cfg.to_dict() if train_cfg is not None else None,
+        "sampler": sampler_state, "history": history or [], "extra": extra or {},
+    }
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, state in sd["state"].items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[key] = value
+        meta["optim_param_groups"] = sd["param_groups"]
+        meta["optim_scalar_state"] = scalars
+    if scheduler is not None:
+        meta["scheduler"] = scheduler.state_dict()
+    rng_tensors, meta["rng"] = _rng_state()
+    tensors.update(rng_tensors)
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer.backend.to_str()
+        meta["tokenizer_sha256"] = hashlib.sha256(meta["tokenizer"].encode()).hexdigest()
+    metadata = {k: json.dumps(v, default=_jsonable) for k, v in meta.items()}
+    metadata["sha256"] = _digest(tensors, metadata)
+    _atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
+    return path
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` read, decoded.
+
+    Attributes:
+        path: the file.
+        step: optimizer steps completed when it was written.
+        model_config: the `ModelConfig` of the saved weights.
+        train_config: the `TrainConfig` of the run, or None.
+        model_state: the model's full state dict (tied names restored), CPU tensors.
+        optimizer_state: an `Optimizer.state_dict()`, or None.
+        scheduler_state, sampler_state: their `state_dict()`s, or None.
+        history: the metric records up to `step`.
+        tokenizer: the run's tokenizer, or None when none was saved.
+        extra: free-form metadata (corpus, elapsed seconds, ...).
+    """
+
+    path: Path
+    step: int
+    model_config: ModelConfig
+    train_config: TrainConfig | None
+    model_state: dict[str, Tensor]
+    optimizer_state: dict | None
+    scheduler_state: dict | None
+    sampler_state: dict | None
+    history: list[dict]
+    tokenizer: Tokenizer | None
+    extra: dict[str, Any]
+    rng_tensors: dict[str, Tensor] = field(repr=False, default_factory=dict)
+    rng_meta: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def restore_rng(self) -> None:
+        """Put every RNG stream (torch CPU/CUDA, Python, NumPy) back where it was at `step`."""
+        _set_rng_state(self.rng_tensors, self.rng_meta)
+
+
+def config_differences(saved: dict[str, Any], asked: dict[str, Any],
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences "checkpoint has dim=192, this run asks dim=128", one per field."""
+    return [f"checkpoint has {k}={saved.get(k)!r}, this run asks {k}={asked.get(k)!r}"
+            for k in sorted(set(saved) | set(asked)) if k not in ignore and saved.get(k) != asked.get(k)]
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and raw metadata of a safetensors file, with clear errors; nothing stays mapped."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
+    data = path.read_bytes()
+    try:
+        tensors = safetensors.torch.load(data)  # validates the header and every tensor's byte range
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except Exception as exc:  # safetensors raises its own (non-ValueError) error types
+        raise CheckpointError(f"checkpoint {path} is corrupted or incomplete: safetensors cannot read it "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return tensors, metadata
+
+
+def _decode(path: Path, tensors: dict[str, Tensor], raw: dict[str, str]) -> Checkpoint:
+    """Turn verified tensors and metadata into a `Checkpoint` (KeyError/ValueError on a foreign layout)."""
+    meta = {k: json.loads(v) for k, v in raw.items() if k != "sha256"}
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for name, target in meta["aliases"].items():
+        state[name] = state[target]  # a tied head: the same tensor under both names
+    optim_state = None
+    if "optim_param_groups" in meta:
+        per_param: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                per_param.setdefault(int(idx), {})[key] = v
+        for idx, scalars in meta["optim_scalar_state"].items():
+            per_param.setdefault(int(idx), {}).update(scalars)
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in meta["optim_param_groups"]]  # JSON turned AdamW's betas tuple into a list
+        optim_state = {"state": dict(sorted(per_param.items())), "param_groups": groups}
+    tokenizer = None
+    if meta.get("tokenizer"):
+        tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(meta["tokenizer"]))
+    return Checkpoint(
+        path=path, step=int(meta["step"]), model_config=ModelConfig.from_dict(meta["model_config"]),
+        train_config=TrainConfig.from_dict(meta["train_config"]) if meta.get("train_config") else None,
+        model_state=state, optimizer_state=optim_state, scheduler_state=meta.get("scheduler"),
+        sampler_state=meta.get("sampler"), history=meta.get("history", []), tokenizer=tokenizer,
+        extra=meta.get("extra", {}), rng_tensors={k: v for k, v in tensors.items() if k.startswith("rng.")},
+        rng_meta=meta["rng"])
+
+
+def load_checkpoint(path: str | Path, model: Transformer | None = None,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    model_config: ModelConfig | None = None) -> Checkpoint:
+    """Read and verify a checkpoint; load it into `model` / `optimizer` / `scheduler` when given.
+
+    RNG streams are not touched; call `Checkpoint.restore_rng` to continue a run exactly.
+
+    Args:
+        path: a file written by `save_checkpoint`.
+        model: receives the weights; its config must equal the saved one (the tie, if any, is kept:
+            a tied head is loaded once through the shared parameter).
+        optimizer, scheduler: receive their saved states (built for `model` the same way).
+        model_config: the config this run asks for, checked as `model.cfg` is.
+    Returns:
+        The decoded `Checkpoint`.
+    Raises:
+        CheckpointError: (a) the file does not exist; (b) it is corrupted or incomplete (safetensors
+            refuses it, or the SHA-256 does not match); (c) it was written for another ModelConfig
+            (every differing field named); (d) an unknown format or format version; or it lacks
+            the optimizer / scheduler state that was asked for.
+    """
+    path = Path(path)
+    tensors, raw = _read(path)
+    if raw.get("format") != json.dumps(CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path} is a safetensors file but not a deepseek-edu checkpoint "
+                              f"(metadata 'format' is {raw.get('format')!r})")
+    try:
+        version = json.loads(raw["format_version"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted or incomplete: no readable "
+                              f"format_version") from exc
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version!r}; this deepseek-edu reads "
+                              f"version {CHECKPOINT_VERSION} only")
+    if raw.get("sha256") != _digest(tensors, raw):
+        raise CheckpointError(f"checkpoint {path} is corrupted or incomplete: the SHA-256 of its tensors and "
+                              f"metadata does not match the one stored when it was written")
+    try:
+        ckpt = _decode(path, tensors, raw)
+    except Exception as exc:  # the checksum matched, so the writer had another layout
+        raise CheckpointError(f"checkpoint {path} cannot be decoded by this deepseek-edu "
+                              f"({type(exc).__name__}: {exc}); it was written by another version") from exc
+    for asked in (model_config, model.cfg if model is not None else None):
+        if asked is not None and asked != ckpt.model_config:
+            diff = config_differences(ckpt.model_config.to_dict(), asked.to_dict())
+            raise CheckpointError(f"checkpoint {path} was written for another model: " + "; ".join(diff))
+    try:
+        if model is not None:
+            model.load_state_dict(ckpt.model_state)
+        if optimizer is not None:
+            if ckpt.optimizer_state is None:
+                raise CheckpointError(f"checkpoint {path} holds no optimizer state")
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        if scheduler is not None:
+            if ckpt.scheduler_state is None:
+                raise CheckpointError(f"checkpoint {path} holds no scheduler state")
+            scheduler.load_state_dict(ckpt.scheduler_state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path} does not fit the objects it is loaded into: {exc}") from exc
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer | None]:
+    """A model ready for `generate.generate`, and its tokenizer.
+
+    The tokenizer comes from the checkpoint itself (its JSON is stored there, checked by SHA-256);
+    for a checkpoint without one it is re-loaded from the data cache by the corpus and vocabulary
+    size recorded in the train config, and None when that fails.
+
+    Returns:
+        (model in eval mode on `device`, tokenizer or None).
+    Raises:
+        CheckpointError: as `load_checkpoint`.
+    """
+    ckpt = load_checkpoint(path)
+    model = Transformer(ckpt.model_config)
+    model.load_state_dict(ckpt.model_state)
+    model.to(device).eval()
+    tokenizer = ckpt.tokenizer
+    if tokenizer is None and ckpt.train_config is not None:
+        try:
+            tokenizer = load_tokenizer(ckpt.train_config.corpus, ckpt.train_config.vocab_size, progress=False)
+        except (OSError, ValueError, RuntimeError):  # no cache and no network (CorpusUnavailableError)
+            tokenizer = None
+    return model, tokenizer
+
+
+# --- the training loop ---------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU. Raises ValueError for "cuda" without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch finds no CUDA device; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    """What a training run returns.
+
+    Attributes:
+        model: the trained model (train mode, on the training device).
+        tokenizer: the tokenizer of the corpus.
+        history: one record per step: step, lr, loss, ce, aux_loss, grad_norm (before clipping),
+            tokens (seen so far), elapsed (s), val_loss (nats/token, None when not evaluated), and for
+            MoE models max_violation (MaxVio of the most unbalanced layer this step).
+        val_loss: the last validation loss (nats/token), None if never evaluated.
+        unigram_entropy: entropy of the train split's unigram distribution (nats/token).
+        unigram_cross_entropy: val tokens under the train unigram (nats/token) -- the baseline.
+        val_chars_per_token: characters of the val split per val token (for bits per character).
+        checkpoint_path: where the last checkpoint is.
+        step: optimizer steps completed.
+        elapsed: training seconds, summed over resumed runs.
+    """
+
+    model: Transformer
+    tokenizer: Tokenizer
+    history: list[dict]
+    val_loss: float | None
+    unigram_entropy: float
+    unigram_cross_entropy: float
+    val_chars_per_token: float
+    checkpoint_path: Path
+    step: int
+    elapsed: float
+
+    @property
+    def val_bits_per_char(self) -> float | None:
+        """Validation loss in bits per character: nats/token / ln 2 / (chars/token)."""
+        return None if self.val_loss is None else self.val_loss / math.log(2) / self.val_chars_per_token
+
+
+class _Interrupt:
+    """Turns the first SIGINT into a flag checked between steps, so the checkpoint is consistent.
+
+    A second Ctrl-C raises KeyboardInterrupt at once (no checkpoint). Only the main thread can
+    install signal handlers; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (press again to abort at once)",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Interrupt]:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread of the main interpreter: Ctrl-C stays as it is
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """One training run: data, model, AdamW, schedule, sampler, metrics and checkpoints.
+
+    ``Trainer(model_cfg, train_cfg).fit()`` trains to `max_steps`; ``fit(until=k)`` stops after
+    step k (for notebooks and tests); `save` and ``resume=True`` continue exactly.
+
+    Args:
+        model_cfg, train_cfg: validated here; their vocabulary sizes must agree.
+        resume: continue from ``out_dir/checkpoint.safetensors`` when it exists (fresh start otherwise).
+        progress: show a `tqdm.auto` bar with the loss and lr.
+        callback: called as callback(record) after every completed step (after its evaluation
+            and checkpoint); raising KeyboardInterrupt there acts like Ctrl-C.
+        dataset: an already loaded `TokenDataset` of train_cfg.corpus (else `load_dataset`).
+    Raises:
+        ValueError: invalid configs, or device="cuda" without a GPU.
+        CheckpointError: resuming from a checkpoint of another model, corpus or training setup.
+        data.CorpusUnavailableError: the corpus cannot be fetched.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False,
+                 progress: bool = True, callback: Callable[[dict], None] | None = None,
+                 dataset: TokenDataset | None = None) -> None:
+        model_cfg.validate()
+        train_cfg.validate()
+        train_cfg.check_model(model_cfg)
+        self.model_cfg, self.cfg, self.progress, self.callback = model_cfg, train_cfg, progress, callback
+        if train_cfg.threads > 0:
+            torch.set_num_threads(train_cfg.threads)
+        self.device = resolve_device(train_cfg.device)
+        if dataset is not None and (dataset.corpus_name, dataset.vocab_size) != (train_cfg.corpus,
+                                                                                 train_cfg.vocab_size):
+            raise ValueError(f"dataset is {dataset.corpus_name!r} with vocab_size={dataset.vocab_size}, but "
+                             f"corpus={train_cfg.corpus!r}, vocab_size={train_cfg.vocab_size} was asked for")
+        self.dataset = dataset or load_dataset(train_cfg.corpus, train_cfg.vocab_size, progress=progress)
+        self.out_dir = Path(train_cfg.out_dir)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.metrics_path = self.out_dir / METRICS_NAME
+
+        random.seed(train_cfg.seed)
+        torch.manual_seed(train_cfg.seed)  # fixes the initial weights
+        self.model = Transformer(model_cfg).to(self.device)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model, train_cfg)
+        self.scheduler = make_scheduler(self.optimizer, train_cfg)
+        self.sampler = BatchSampler(self.dataset.train, train_cfg.batch_size, train_cfg.seq_len,
+                                    train_cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        self._elapsed_before = 0.0  # training seconds before the current `fit` (earlier calls, resumed runs)
+        self._running_since: float | None = None  # perf_counter() at the start of the current `fit`
+        self._baselines: tuple[float, float] | None = None
+        self._metrics_started = False
+        self.resumed_from: int | None = None
+        if resume and self.checkpoint_path.is_file():
+            self._restore(self.checkpoint_path)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        if ckpt.train_config is not None:
+            diff = config_differences(ckpt.train_config.to_dict(), self.cfg.to_dict(),
+                                      ignore=RESUMABLE_CHANGES)
+            if diff:
+                raise CheckpointError(f"cannot resume {path}: " + "; ".join(diff) + f" (only "
+                                      f"{', '.join(RESUMABLE_CHANGES)} may change when resuming)")
+        current = self.dataset.tokenizer.backend.to_str()
+        if ckpt.tokenizer is not None and ckpt.tokenizer.backend.to_str() != current:
+            raise CheckpointError(f"cannot resume {path}: its tokenizer differs from the data cache's for "
+                                  f"corpus={self.cfg.corpus!r} (another corpus text or Python version?), "
+                                  f"so its token ids would mean other text")
+        if ckpt.sampler_state is None:
+            raise CheckpointError(f"checkpoint {path} holds no data position (sampler state); cannot resume")
+        self.sampler.load_state_dict(ckpt.sampler_state)
+        ckpt.restore_rng()
+        self.step, self.history = ckpt.step, list(ckpt.history)
+        self._elapsed_before = float(ckpt.extra.get("elapsed", 0.0))
+        self.resumed_from = ckpt.step
+
+    @property
+    def elapsed(self) -> float:
+        """Training seconds, including those of the runs this one resumed."""
+        running = 0.0 if self._running_since is None else time.perf_counter() - self._running_since
+        return self._elapsed_before + running
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the whole training state atomically (default ``out_dir/checkpoint.safetensors``)."""
+        return save_checkpoint(path or self.checkpoint_path, self.model, self.optimizer, self.scheduler,
+                               train_cfg=self.cfg, step=self.step, sampler_state=self.sampler.state_dict(),
+                               history=self.history, tokenizer=self.dataset.tokenizer,
+                               extra={"corpus": self.cfg.corpus, "elapsed": self.elapsed})
+
+    def evaluate(self) -> float:
+        """Validation loss now (nats/token); see `evaluate`."""
+        return evaluate(self.model, self.dataset.val, self.cfg)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step on the next batch; returns its metric record (no evaluation)."""
+        x, y = self.sampler.next()  # (B, T) each
+        x, y = x.to(self.device), y.to(self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        with _autocast(self.device, self.cfg):
+            output = self.model(x)
+        loss, metrics = lm_loss(output, y)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step + 1}; lower "
+                                     f"lr={self.cfg.lr} or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf  # inf: measure, never scale
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        # Auxiliary-loss-free balancing (V3 §2.1.2): each MoE layer moves its selection bias by
+        # gamma * sign(mean load - load) with this step's load. Not a gradient step, so not AdamW's job.
+        loads = self.model.update_router_biases()  # one (E,) per MoE layer; [] for a dense model
+        self.step += 1
+        record = {"step": self.step, "lr": lr, **metrics, "grad_norm": grad_norm.item(),
+                  "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len,
+                  "elapsed": round(self.elapsed, 3), "val_loss": None}
+        if loads:
+            record["max_violation"] = max(max_violation(load) for load in loads)  # worst layer's MaxVio
+        return record
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _start_metrics(self) -> None:
+        """metrics.jsonl = the history so far (drops lines a crashed run wrote after its checkpoint)."""
+        if not self._metrics_started:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+            self._metrics_started = True
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train up to step `until` (default max_steps), evaluating and saving on schedule.
+
+        At max_steps the model is evaluated and saved. On KeyboardInterrupt (Ctrl-C, or raised by
+        the callback) a checkpoint of the last completed step is written, its path printed, and
+        the KeyboardInterrupt re-raised.
+        """
+        cfg = self.cfg
+        end = cfg.max_steps if until is None else min(until, cfg.max_steps)
+        self._start_metrics()
+        self._running_since = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        interrupt = _Interrupt()
+        in_step = False  # True from the batch draw to the logged record: a checkpoint there would be torn
+        try:
+            with interrupt.installed():
+                while self.step < end:
+                    in_step = True
+                    record = self.train_step()
+                    last = self.step == cfg.max_steps
+                    if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                        record["val_loss"] = self.evaluate()
+                    self._log(record)
+                    in_step = False
+                    if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                        self.save()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+                    bar.update(1)
+                    if self.callback is not None:
+                        self.callback(record)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            bar.close()
+            if in_step:
+                print(f"interrupted inside step {self.step + 1}: no checkpoint written; the last saved one "
+                      f"({self.checkpoint_path}) is kept", file=sys.stderr, flush=True)
+            else:
+                path = self.save()
+                print(f"interrupted: saved the checkpoint of step {self.step} to {path}", file=sys.stderr,
+                      flush=True)
+            raise
+        finally:
+            self._elapsed_before, self._running_since = self.elapsed, None
+        bar.close()
+        return self.result()
+
+    def result(self) -> TrainResult:
+        """The `TrainResult` of the run so far."""
+        val = next((r["val_loss"] for r in reversed(self.history) if r.get("val_loss") is not None), None)
+        ds = self.dataset
+        if self._baselines is None:
+            self._baselines = unigram_baselines(ds)
+        return TrainResult(
+            model=self.model, tokenizer=ds.tokenizer, history=self.history, val_loss=val,
+            unigram_entropy=self._baselines[0], unigram_cross_entropy=self._baselines[1],
+            val_chars_per_token=ds.n_chars_val / max(ds.val.numel(), 1), checkpoint_path=self.checkpoint_path,
+            step=self.step, elapsed=self.elapsed)
+
+
+def unigram_baselines(dataset: TokenDataset) -> tuple[float, float]:
+    """(entropy of the train unigram, cross-entropy of val under the train unigram), both nats/token."""
+    return (unigram_entropy(dataset.train, dataset.vocab_size),
+            cross_entropy_unigram(dataset.train, dataset.val, dataset.vocab_size))
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          callback: Callable[[dict], None] | None = None, dataset: TokenDataset | None = None) -> TrainResult:
+    """Train a `Transformer` from scratch (or resume) to train_cfg.max_steps; see `Trainer`.
+
+    Returns:
+        `TrainResult` with the model, history, final validation loss, unigram baselines and the
+        checkpoint path (``train_cfg.out_dir/checkpoint.safetensors``).
+    Raises:
+        As `Trainer`; KeyboardInterrupt after saving a checkpoint when interrupted.
+    """
+    return Trainer(model_cfg, train_cfg, resume=resume, progress=progress, callback=callback,
+                   dataset=dataset).fit()
