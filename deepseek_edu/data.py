@@ -737,10 +737,12 @@ class BatchSampler:
 
 def iter_eval_batches(tokens: Tensor, batch_size: int, seq_len: int,
                       max_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Validation batches: non-overlapping windows from the start, the same on every call.
+    """Validation batches: non-overlapping windows, the same on every call.
 
     Window i reads tokens[i*T : i*T + T + 1], so every token after the first is a target exactly
-    once. The last batch may hold fewer than B windows: average losses per token, not per batch.
+    once. With `max_batches` smaller than the split, the max_batches * B windows used are spread
+    evenly over the whole split (not taken from its start, which would measure one document only).
+    The last batch may hold fewer than B windows: average losses per token, not per batch.
 
     Yields:
         x, y: (b, T) int64 with b <= batch_size, y = x shifted left by one.
@@ -750,7 +752,11 @@ def iter_eval_batches(tokens: Tensor, batch_size: int, seq_len: int,
     _check_windows(tokens, batch_size, seq_len)
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches={max_batches!r} must be None or a positive integer")
-    starts = torch.arange((tokens.numel() - 1) // seq_len) * seq_len  # (W,)
+    n_windows = (tokens.numel() - 1) // seq_len
+    starts = torch.arange(n_windows) * seq_len  # (W,)
+    if max_batches is not None and max_batches * batch_size < n_windows:
+        pick = torch.linspace(0, n_windows - 1, max_batches * batch_size, dtype=torch.float64).round().long()
+        starts = starts[pick]  # evenly spread, distinct (spacing >= 1 window), in order
     for n, i in enumerate(range(0, starts.numel(), batch_size)):
         if max_batches is not None and n >= max_batches:
             return

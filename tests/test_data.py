@@ -572,3 +572,14 @@ def test_unigram_errors():
         data.unigram_entropy(torch.tensor([], dtype=torch.long), 2)
     with pytest.raises(ValueError, match="vocab_size=2"):
         data.cross_entropy_unigram(torch.tensor([0, 1]), torch.tensor([-1]), 2)
+
+
+def test_eval_windows_are_spread_over_the_whole_split() -> None:
+    from deepseek_edu.data import iter_eval_batches
+
+    tokens = torch.arange(1001)  # 1000 windows of 1 token + target
+    batches = list(iter_eval_batches(tokens, batch_size=2, seq_len=1, max_batches=2))
+    starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
+    assert starts == [0, 333, 666, 999], starts  # first and last window both used, evenly spaced
+    full = list(iter_eval_batches(tokens, batch_size=400, seq_len=1))
+    assert sum(x.shape[0] for x, _ in full) == 1000  # without a limit: every window once

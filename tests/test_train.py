@@ -209,11 +209,12 @@ def test_evaluate_is_deterministic_rng_free_and_restores_train_mode(dataset):
     assert a == b and model.training
     assert torch.equal(torch_state, torch.get_rng_state()) and py_state == random.getstate()
     assert all(np.array_equal(x, y) for x, y in zip(np_state, np.random.get_state()))
-    # the same number by hand: 3 batches of 4 non-overlapping windows from the start of val
+    # the same number by hand: 3 batches of 4 non-overlapping windows spread evenly over val
     T = cfg.seq_len
-    windows = dataset.val[: 12 * T + 1]
-    x = torch.stack([windows[i * T:(i + 1) * T] for i in range(12)])
-    y = torch.stack([windows[i * T + 1:(i + 1) * T + 1] for i in range(12)])
+    n_windows = (dataset.val.numel() - 1) // T
+    picks = [round(j * (n_windows - 1) / 11) for j in range(12)]
+    x = torch.stack([dataset.val[i * T:(i + 1) * T] for i in picks])
+    y = torch.stack([dataset.val[i * T + 1:(i + 1) * T + 1] for i in picks])
     with torch.no_grad():
         ref = F.cross_entropy(model(x).logits.reshape(-1, VOCAB), y.reshape(-1)).item()
     assert a == pytest.approx(ref, rel=1e-5), f"evaluate {a} vs by hand {ref}"
