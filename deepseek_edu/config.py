@@ -342,6 +342,18 @@ def _real(**kw: Any) -> ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # The dense MHA baseline of notebook 02 and the first training run (CPU, minutes).
     "baseline": ModelConfig(),
+    # The tiny DeepSeekMoE of notebook 04 and benchmarks/moe_balance.py (CPU, seconds per 100 steps):
+    # MHA, one dense block then two MoE blocks of 8 routed experts (top-2) + 1 shared, the V3 sigmoid
+    # gate, no groups. Activated FFN width (2 + 1) x 64 = inter_dim of the dense block. Balanced the
+    # auxiliary-loss-free way only (no sequence-wise loss), with gamma = 0.01 instead of V3's 0.001:
+    # the bias moves at most gamma per step, and runs of a few hundred to a few thousand steps need
+    # it to cross the spread of the scores within tens of steps (notebook 04 shows why).
+    "moe-tiny": ModelConfig(
+        vocab_size=2048, dim=64, n_layers=3, n_heads=4, inter_dim=192, max_seq_len=128, n_dense_layers=1,
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=64, n_expert_groups=1,
+        n_limited_groups=1, score_func="sigmoid", group_score="top2_sum", route_scale=1.0, norm_topk_prob=True,
+        bias_update_speed=0.01, seq_aux_loss_alpha=0.0, expert_aux_loss_alpha=0.0,
+    ),
     "deepseek-v3": _real(
         vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=3, inter_dim=18432, n_heads=128,
         q_lora_rank=1536, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8,

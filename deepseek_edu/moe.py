@@ -221,25 +221,26 @@ class MoE(nn.Module):
     def dispatch(self, x: Tensor, routing: Routing) -> Tensor:
         """Run each expert once on the tokens routed to it and combine with the weights.
 
-        x (N, D), routing weights/indices (N, K) -> (N, D).
+        x (N, D), routing weights/indices (N, K) -> (N, D), in x's dtype.
+
+        How (benchmarks/moe_layer.py measures each choice): the N*K (token, slot) pairs are sorted by
+        expert, so each expert runs one GEMM on one contiguous block. The blocks are cut with `split`,
+        whose backward is a single concatenation (E slices would each give back a zero-filled
+        gradient of all N*K rows). The outputs go back to (token, slot) order by a permutation
+        (`index_copy`: no atomics, deterministic, its backward a gather), and the K slots are weighted
+        and summed in fp32 (no `index_add_` accumulating in bf16). One host sync remains: the tokens
+        per expert, which the per-expert GEMM shapes need.
         """
         N, K = routing.indices.shape
         flat_experts = routing.indices.flatten()  # (N*K,) expert of each (token, slot)
-        order = flat_experts.argsort(stable=True)  # group the (token, slot) pairs by expert
-        counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()  # tokens per expert
-        token_of = order // K  # (N*K,) token index of each sorted pair
-        weight_of = routing.weights.flatten()[order]  # (N*K,)
-        x_sorted = x[token_of]  # (N*K, D) tokens laid out expert after expert
-        y = torch.zeros_like(x)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            out = self.experts[e](x_sorted[start:end]) * weight_of[start:end, None].to(x.dtype)  # (count, D)
-            y.index_add_(0, token_of[start:end], out)
-            start = end
-        return y
+        order = flat_experts.argsort(stable=True)  # (N*K,) pair ids grouped by expert
+        counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()  # tokens per expert (host sync)
+        x_sorted = x.index_select(0, order // K)  # (N*K, D) tokens laid out expert after expert
+        outs = [self.experts[e](block) for e, block in enumerate(x_sorted.split(counts)) if counts[e]]
+        out_sorted = torch.cat(outs)  # (N*K, D), in x_sorted's order
+        out_pairs = torch.zeros_like(out_sorted).index_copy(0, order, out_sorted)  # (N*K, D), (token, slot) order
+        y = (out_pairs.view(N, K, -1).float() * routing.weights.unsqueeze(-1)).sum(dim=1)  # (N, D) fp32
+        return y.to(x.dtype)
 
     def forward(self, x: Tensor) -> MoEOutput:
         B, S, D = x.shape

@@ -205,7 +205,7 @@ def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractCont
 def evaluate(model: Transformer, tokens: Tensor, cfg: TrainConfig) -> float:
     """Mean validation cross-entropy in nats/token over `cfg.eval_batches` fixed batches.
 
-    The windows are `data.iter_eval_batches` (non-overlapping, from the start): the same on every
+    The windows are `data.iter_eval_batches` (non-overlapping, spread evenly over the split): the same on every
     call and free of random numbers, so evaluation never perturbs the training RNG stream. The
     model runs in eval mode and is put back in train mode afterwards. The aux loss is not included.
 
