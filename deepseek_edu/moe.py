@@ -89,7 +89,8 @@ class Gate(nn.Module):
         Returns:
             `Routing` with weights (N, K) fp32, indices (N, K) int64, scores (N, E) fp32.
         """
-        logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: bf16 ties close logits
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+            logits = F.linear(x.float(), self.weight.float())  # (N, E) fp32: bf16 ties close logits
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         biased = scores + self.bias  # (N, E) used ONLY to choose
         if self.n_groups > 1:
@@ -166,18 +167,23 @@ def sequence_balance_loss(scores: Tensor, indices: Tensor, n_experts: int, topk:
 def expert_balance_loss(scores: Tensor, indices: Tensor, n_experts: int, topk: int) -> Tensor:
     """DeepSeekMoE's expert-level balance loss (§4.1), *without* its alpha_1, over all N tokens.
 
-    L = sum_i f_i P_i with f_i = E / (K N) * #{tokens choosing i}, P_i = mean_t s_{i,t}.
+    L = sum_i f_i P_i with f_i = E / (K N) * #{tokens choosing i}, P_i = mean_t s_{i,t} / sum_j s_{j,t}.
+
+    DeepSeekMoE's gate is a softmax, whose scores already sum to 1 per token. For a sigmoid gate
+    the scores are normalised first (as V3 does in its sequence-wise loss); with raw sigmoid scores
+    the loss could be lowered by shrinking every score without changing the routing at all.
 
     Args:
-        scores: (N, E) unbiased affinities (softmax probabilities in DeepSeekMoE).
+        scores: (N, E) unbiased affinities.
         indices: (N, K) chosen experts.
     Returns:
-        () fp32.
+        () fp32; 1 for a perfectly balanced load.
     """
     N = scores.shape[0]
     counts = torch.bincount(indices.flatten(), minlength=n_experts).float()  # (E,)
     f = counts * n_experts / (topk * N)
-    return (f * scores.mean(dim=0)).sum()
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)  # (E,)
+    return (f * p).sum()
 
 
 # --- the layer ---------------------------------------------------------------------------------
@@ -224,22 +230,26 @@ class MoE(nn.Module):
         x (N, D), routing weights/indices (N, K) -> (N, D), in x's dtype.
 
         How (benchmarks/moe_layer.py measures each choice): the N*K (token, slot) pairs are sorted by
-        expert, so each expert runs one GEMM on one contiguous block. The blocks are cut with `split`,
-        whose backward is a single concatenation (E slices would each give back a zero-filled
-        gradient of all N*K rows). The outputs go back to (token, slot) order by a permutation
-        (`index_copy`: no atomics, deterministic, its backward a gather), and the K slots are weighted
-        and summed in fp32 (no `index_add_` accumulating in bf16). One host sync remains: the tokens
-        per expert, which the per-expert GEMM shapes need.
+        expert, so each expert runs one GEMM on one contiguous block, cut with `split` (its backward is
+        one concatenation; E slices would each give back a zero-filled gradient of all N*K rows).
+        Tokens move to and from that order by permutations written as `index_copy` (a scatter without
+        atomics whose backward is a gather), never by `index_add_`: no atomic adds in bf16, and the
+        same result on every run. The K slots are weighted and summed in fp32. One host sync remains:
+        the tokens per expert, which the per-expert GEMM shapes need.
         """
         N, K = routing.indices.shape
-        flat_experts = routing.indices.flatten()  # (N*K,) expert of each (token, slot)
-        order = flat_experts.argsort(stable=True)  # (N*K,) pair ids grouped by expert
+        D = x.shape[-1]
+        flat_experts = routing.indices.flatten()  # (N*K,) expert of each (token, slot) pair
+        order = flat_experts.argsort(stable=True)  # (N*K,) sorted position -> pair
         counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()  # tokens per expert (host sync)
-        x_sorted = x.index_select(0, order // K)  # (N*K, D) tokens laid out expert after expert
+        position = torch.empty_like(order).index_copy_(  # (N*K,) pair -> sorted position (inverse of order)
+            0, order, torch.arange(N * K, device=order.device))
+        x_pairs = x.unsqueeze(1).expand(N, K, D).reshape(N * K, D)  # (N*K, D); backward: sum over the K copies
+        x_sorted = torch.empty_like(x_pairs).index_copy_(0, position, x_pairs)  # (N*K, D) expert after expert
         outs = [self.experts[e](block) for e, block in enumerate(x_sorted.split(counts)) if counts[e]]
         out_sorted = torch.cat(outs)  # (N*K, D), in x_sorted's order
-        out_pairs = torch.zeros_like(out_sorted).index_copy(0, order, out_sorted)  # (N*K, D), (token, slot) order
-        y = (out_pairs.view(N, K, -1).float() * routing.weights.unsqueeze(-1)).sum(dim=1)  # (N, D) fp32
+        out_pairs = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)  # (N*K, D), pair order
+        y = (out_pairs.view(N, K, D) * routing.weights.unsqueeze(-1)).sum(dim=1)  # (N, D) fp32 (weights are)
         return y.to(x.dtype)
 
     def forward(self, x: Tensor) -> MoEOutput:

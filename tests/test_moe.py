@@ -571,11 +571,11 @@ def _seq_loss_ref(scores, indices, E, K):
 
 
 def _expert_loss_ref(scores, indices, E, K):
-    """DeepSeekMoE §4.1 over all N tokens: f_i = E/(K N) count_i, P_i = mean_t s_it."""
+    """DeepSeekMoE §4.1 over all N tokens: f_i = E/(K N) count_i, P_i = mean_t s_it / sum_j s_jt."""
     s, idx = scores.double().tolist(), indices.tolist()
     N = len(s)
     f = [E / (K * N) * sum(row.count(i) for row in idx) for i in range(E)]
-    P = [sum(row[i] for row in s) / N for i in range(E)]
+    P = [sum(row[i] / sum(row) for row in s) / N for i in range(E)]
     return sum(fi * pi for fi, pi in zip(f, P))
 
 
@@ -598,7 +598,7 @@ def test_aux_gradient_reaches_gate_weight_and_matches_reference():
     P = (s / s.sum(-1, keepdim=True)).view(2, 6, 8).mean(1)
     seq = (f * P).sum(-1).mean()
     fe = torch.bincount(indices.flatten(), minlength=8).double() * 8 / (2 * 12)
-    exp = (fe * s.mean(0)).sum()
+    exp = (fe * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
     ref = 0.01 * seq + 0.003 * exp
     ref.backward()
     _close(out.aux_loss.double(), ref.detach(), dict(atol=1e-7, rtol=1e-6), "aux value:")
@@ -710,9 +710,11 @@ def test_sequence_balance_loss_hand_values():
 
 
 def test_expert_balance_loss_hand_values():
-    s = torch.tensor([[0.9, 0.3], [0.2, 0.2]])  # P = [0.55, 0.25] (raw means)
-    assert expert_balance_loss(s, torch.tensor([[0], [0]]), 2, 1).item() == pytest.approx(1.1, abs=1e-6)
-    assert expert_balance_loss(s, torch.tensor([[0], [1]]), 2, 1).item() == pytest.approx(0.8, abs=1e-6)
+    s = torch.tensor([[0.9, 0.3], [0.2, 0.2]])  # normalised rows [.75, .25], [.5, .5] -> P = [0.625, 0.375]
+    assert expert_balance_loss(s, torch.tensor([[0], [0]]), 2, 1).item() == pytest.approx(1.25, abs=1e-6)
+    assert expert_balance_loss(s, torch.tensor([[0], [1]]), 2, 1).item() == pytest.approx(1.0, abs=1e-6)
+    # shrinking every sigmoid score without changing the routing must not lower the loss
+    assert expert_balance_loss(s / 10, torch.tensor([[0], [0]]), 2, 1).item() == pytest.approx(1.25, abs=1e-6)
     s3 = torch.tensor([[0.5, 0.25, 0.125, 0.125]])
     assert expert_balance_loss(s3, torch.tensor([[0, 1]]), 4, 2).item() == pytest.approx(1.5, abs=1e-6)
     p = torch.softmax(torch.randn(4, 4), -1)  # balanced top-1 with softmax probabilities -> 1
@@ -781,3 +783,17 @@ def test_moe_transformer_full_equals_cached_decoding(attention):
     cache = model.new_cache(2)
     steps = [model(tok[:, :6], cache).logits] + [model(tok[:, t:t + 1], cache).logits for t in range(6, 13)]
     _close(torch.cat(steps, 1), full, FP32_TOL, f"{attention} MoE full vs prefill + decode:")
+
+
+def test_router_stays_fp32_under_autocast():
+    """The Trainer runs CUDA forwards under bf16 autocast; the router must still score in fp32."""
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, inter_dim=64, max_seq_len=16,
+                      n_dense_layers=0, n_routed_experts=4, n_activated_experts=2, score_func="sigmoid")
+    gate = Gate(cfg)
+    x = torch.randn(64, 32)
+    ref = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gate(x)
+    assert got.scores.dtype == torch.float32
+    assert torch.equal(got.indices, ref.indices)
+    torch.testing.assert_close(got.weights, ref.weights, rtol=0, atol=0)
