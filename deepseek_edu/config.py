@@ -290,7 +290,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "threads"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
-        _check(e, self.lr > 0, f"lr={self.lr} must be > 0")
+        _check(e, isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+               f"lr={self.lr!r} must be a finite number > 0")
         _check(e, 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(e, self.schedule in LR_SCHEDULES, f"schedule={self.schedule!r} must be one of {LR_SCHEDULES}")
         _check(e, 0 < self.decay_frac <= 1, f"decay_frac={self.decay_frac} must be in (0, 1]")

@@ -31,7 +31,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     Raises:
         ValueError: if temperature < 0, top_k < 0 or top_p not in (0, 1].
     """
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:  # `not >=` also rejects NaN
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -69,8 +69,9 @@ def generate(model: Transformer, prompt: Sequence[int] | Tensor, max_new_tokens:
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:  # checked before any work, as in sample_next
+    if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:  # before any work; `not >=` rejects NaN
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    was_training = model.training
     model.eval()
     device = model.embed.weight.device
     tokens = torch.as_tensor(prompt, device=device)
@@ -104,4 +105,5 @@ def generate(model: Transformer, prompt: Sequence[int] | Tensor, max_new_tokens:
         if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
         logits = model(nxt[:, None], cache).logits[:, -1]  # (B, V), one new position
+    model.train(was_training)  # a sample taken during training leaves the mode as it found it
     return torch.cat(out, dim=1)

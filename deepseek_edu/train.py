@@ -78,8 +78,9 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_FORMAT = "deepseek-edu-checkpoint"
 CHECKPOINT_VERSION = 1  # bump when the layout below changes; older readers then refuse clearly
 # TrainConfig fields that may differ when a run is resumed: they do not change what a step computes.
-RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_batches", "save_every", "device", "threads", "out_dir",
-                     "bf16")
+# max_steps is not one of them: the warmup/cosine/WSD schedule is laid out over it, so a resumed run
+# with another max_steps would jump to another learning rate.
+RESUMABLE_CHANGES = ("eval_every", "eval_batches", "save_every", "device", "threads", "out_dir", "bf16")
 
 
 class CheckpointError(ValueError):
@@ -743,6 +744,7 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """One optimizer step on the next batch; returns its metric record (no evaluation)."""
+        self.model.train()  # a sample or an evaluation in between may have left it in eval mode
         x, y = self.sampler.next()  # (B, T) each
         x, y = x.to(self.device), y.to(self.device)
         lr = self.optimizer.param_groups[0]["lr"]

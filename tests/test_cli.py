@@ -167,11 +167,15 @@ def test_train_then_generate_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out == first, "same seed must give the same text"
     assert first.startswith("def")
 
-    # --resume continues the same run to more steps
+    # --resume with another --steps is refused (the LR schedule is laid out over max_steps) ...
     assert main(["train", *TINY, "--steps", "8", "--eval-every", "3", "--out", str(out),
+                 "--sample-tokens", "0", "--resume"]) == 2
+    assert "max_steps" in capsys.readouterr().err
+    # ... with the same settings it picks the finished run up where it stopped
+    assert main(["train", *TINY, "--steps", "6", "--eval-every", "3", "--out", str(out),
                  "--sample-tokens", "0", "--resume"]) == 0
     assert "resuming from step 6" in capsys.readouterr().out
-    assert load_checkpoint(checkpoint).step == 8
+    assert load_checkpoint(checkpoint).step == 6
 
 
 def test_ctrl_c_exits_130_after_saving(tmp_path, monkeypatch, capsys):

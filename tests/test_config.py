@@ -259,3 +259,9 @@ def test_real_presets_enable_yarn_beyond_the_pretraining_context() -> None:
     assert (v3.max_seq_len, v3.original_seq_len, v3.rope_factor) == (163840, 4096, 40.0)
     expected = (0.1 * math.log(40.0) + 1.0) ** 2 / math.sqrt(192)
     assert v3.softmax_scale == pytest.approx(expected, rel=1e-12)
+
+
+def test_learning_rate_must_be_finite() -> None:
+    for bad in (float("inf"), float("nan"), "1e-3"):
+        with pytest.raises(ValueError, match="lr=.* must be a finite number > 0"):
+            TrainConfig(lr=bad)

@@ -103,8 +103,8 @@ def test_zero_new_tokens_returns_prompt():
     assert torch.equal(generate(model, prompt, max_new_tokens=0), prompt)
 
 
-def test_puts_model_in_eval_mode():
-    model = _model().train()
+def test_leaves_the_mode_as_it_found_it():
+    model = _model().eval()
     generate(model, [1, 2, 3], max_new_tokens=2)
     assert not model.training
 
@@ -261,3 +261,12 @@ def test_float_prompt_is_rejected() -> None:
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, inter_dim=64, max_seq_len=16))
     with pytest.raises(ValueError, match="integer token ids"):
         generate(model, torch.tensor([1.7, 2.2]), 3)
+
+
+def test_generate_restores_the_training_mode_and_rejects_nan_temperature() -> None:
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, inter_dim=64, max_seq_len=16))
+    model.train()
+    generate(model, [1, 2], 3)
+    assert model.training  # MoE load (aux-loss-free balancing) only accumulates in training mode
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [1, 2], 3, temperature=float("nan"))

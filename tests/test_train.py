@@ -352,9 +352,13 @@ def test_resume_refuses_another_training_setup_or_model(dataset, tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer differs"):
         Trainer(tiny_model_cfg(), tcfg, resume=True, progress=False,
                 dataset=dataclasses.replace(dataset, tokenizer=other))
-    # max_steps may change: training continues from step 2
-    more = Trainer(tiny_model_cfg(), tcfg.replace(max_steps=3), resume=True, progress=False, dataset=dataset)
-    assert more.fit().step == 3
+    # max_steps may not change: the learning-rate schedule is laid out over it
+    with pytest.raises(CheckpointError, match=r"checkpoint has max_steps=2, this run asks max_steps=3"):
+        Trainer(tiny_model_cfg(), tcfg.replace(max_steps=3), resume=True, progress=False, dataset=dataset)
+    # what may change (evaluation, saving, threads) does: training continues from step 2
+    more = Trainer(tiny_model_cfg(), tcfg.replace(eval_every=1, threads=1), resume=True, progress=False,
+                   dataset=dataset)
+    assert more.step == 2
 
 
 # --- checkpoint files ----------------------------------------------------------------------------------
