@@ -31,15 +31,6 @@ from deepseek_edu.model import Transformer
 SMALL = dict(vocab_size=61, dim=64, n_layers=3, n_heads=8, inter_dim=64, max_seq_len=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids spinning threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_v3_cache_per_token():
     v3 = get_preset("deepseek-v3")
     assert kv_cache_elements_per_token_per_layer(v3) == 512 + 64 == 576

@@ -36,16 +36,6 @@ KINDS = {  # attention kind -> extra config fields (6 query heads of width 8)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two (no spin-waiting on a busy
-    2-core machine) and gives the same results; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 

@@ -16,16 +16,6 @@ FP32_TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 matmuls of width <= 64
 BF16_TOL = dict(atol=3e-2, rtol=3e-2)  # bf16: 8 mantissa bits through three matmuls
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two (no spin-waiting on a busy
-    2-core machine) and gives the same results; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 

@@ -36,16 +36,6 @@ N_SAMPLES = 20_000  # rows per sampling-frequency check: std of a frequency <= 0
 FREQ_TOL = 0.02  # > 5 standard deviations
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two (no spin-waiting on a busy
-    2-core machine) and gives the same results; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(kind="mha", seed=0, **kw):
     # init_std 0.2: peaked, varied next-token distributions (greedy paths that do not just repeat)
     cfg = ModelConfig(**(dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, inter_dim=48, max_seq_len=32,

@@ -43,14 +43,6 @@ FP32_TOL = dict(atol=1e-5, rtol=1e-5)  # two fp32 orderings of the same sums, va
 WRONG = 1e-3  # a wrong scale / layout must move some output by more than this
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids spinning threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 BASE = dict(attention="mla", vocab_size=61, dim=48, n_layers=2, n_heads=4, inter_dim=64, max_seq_len=32,
             q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)
 

@@ -62,15 +62,6 @@ FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 GAMMA = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster on a busy 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _max_diff(a, b):
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
 

@@ -18,16 +18,6 @@ FP32_TOL = dict(atol=1e-6, rtol=1e-6)  # same formula, only summation order may 
 BF16_TOL = dict(atol=1e-2, rtol=1.6e-2)  # bf16 has 8 mantissa bits: one rounding of the output
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two (no spin-waiting on a busy
-    2-core machine) and gives the same results; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 

@@ -42,16 +42,6 @@ from deepseek_edu.rope import (
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 rotations of O(1) vectors over <= 64 positions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster than two (no spin-waiting on a busy
-    2-core machine) and gives the same results; restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
