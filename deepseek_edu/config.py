@@ -355,6 +355,36 @@ PRESETS: dict[str, ModelConfig] = {
         n_limited_groups=1, score_func="sigmoid", group_score="top2_sum", route_scale=1.0, norm_topk_prob=True,
         bias_update_speed=0.01, seq_aux_loss_alpha=0.0, expert_aux_loss_alpha=0.0,
     ),
+    # The course's DeepSeek (notebooks 06-07, the CLI default): every V3 feature at CPU scale. MLA
+    # without query compression (as V2-Lite), one dense block then DeepSeekMoE blocks of 8 fine-grained
+    # routed experts (top-2, 4 groups of which 2 are kept) + 1 shared, the V3 sigmoid gate with
+    # auxiliary-loss-free balancing (gamma as in moe-tiny) and the sequence-wise loss at V3's alpha,
+    # and one MTP module (D = 1, lambda = 0.3). Activated FFN width (2 + 1) x 96 = inter_dim.
+    "tiny": ModelConfig(
+        vocab_size=2048, dim=96, n_layers=4, n_heads=4, inter_dim=288, max_seq_len=256, n_dense_layers=1,
+        attention="mla", q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=24, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=96,
+        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", group_score="top2_sum",
+        route_scale=1.0, norm_topk_prob=True, bias_update_speed=0.01, seq_aux_loss_alpha=0.0001,
+        expert_aux_loss_alpha=0.0, n_mtp_depth=1, mtp_loss_weight=0.3,
+    ),
+    # "tiny" with a dense SwiGLU FFN of the same activated width in every block: the ablation baseline
+    # at equal activated parameters (attention, MTP and everything else identical).
+    "dense-tiny": ModelConfig(
+        vocab_size=2048, dim=96, n_layers=4, n_heads=4, inter_dim=288, max_seq_len=256, n_dense_layers=4,
+        attention="mla", q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=24, n_mtp_depth=1, mtp_loss_weight=0.3,
+    ),
+    # One GPU: about 0.1B total parameters, 16 routed experts (top-2, 4 groups, 2 kept) + 1 shared,
+    # query compression on. benchmarks/train_throughput.py compares it with "small" made dense.
+    "small": ModelConfig(
+        vocab_size=8192, dim=512, n_layers=8, n_heads=8, inter_dim=1536, max_seq_len=1024, n_dense_layers=1,
+        attention="mla", q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=512,
+        n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", group_score="top2_sum",
+        route_scale=1.0, norm_topk_prob=True, bias_update_speed=0.001, seq_aux_loss_alpha=0.0001,
+        n_mtp_depth=1, mtp_loss_weight=0.3,
+    ),
     "deepseek-v3": _real(
         vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=3, inter_dim=18432, n_heads=128,
         q_lora_rank=1536, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8,
