@@ -71,7 +71,7 @@ from _common import (  # noqa: E402
 
 from deepseek_edu.config import ModelConfig  # noqa: E402
 from deepseek_edu.ffn import MLP  # noqa: E402
-from deepseek_edu.moe import MoE, Routing, _GatherPairs, _Permute  # noqa: E402
+from deepseek_edu.moe import MoE, Routing, _GatherPairs, _Permute, _sum_slots  # noqa: E402
 
 # name -> (routed experts E, top-K, shared experts, width divisor: moe_inter_dim = M // divisor)
 LAYOUTS = {
@@ -166,7 +166,7 @@ def stage_breakdown(moe: MoE, x2d: torch.Tensor, device: torch.device, repeats: 
         return run(x_sorted, counts, w_sorted)
 
     def combine() -> torch.Tensor:
-        return _Permute.apply(out_sorted, position, order).view(N, K, D).sum(dim=1)
+        return _sum_slots(_Permute.apply(out_sorted, position, order).view(N, K, D))
 
     stages: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor, list[torch.Tensor]]] = {
         "gate": (gate, rnd(N, K, dtype=torch.float32), [x, *_params(moe.gate)]),
