@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--inter-dim", type=int, default=None, help="hidden width of the dense SwiGLU FFN")
     m.add_argument("--max-seq-len", type=int, default=None, help="longest sequence the model accepts")
     m.add_argument("--attention", choices=("mha", "gqa", "mqa", "mla"), default=None, help="attention kind")
+    m.add_argument("--n-kv-heads", type=int, default=None,
+                   help="key/value heads for --attention gqa (n_heads must be a multiple of it)")
     m.add_argument("--tie-embeddings", action="store_true",
                    help="share the embedding matrix with the output head")
     s = t.add_argument_group("the sample printed at the end")
@@ -155,7 +157,7 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     if args.preset not in _trainable_presets():
         raise ValueError(f"preset {args.preset!r} is a real DeepSeek shape for accounting, not for "
                          f"training here")
-    names = ("dim", "n_layers", "n_heads", "inter_dim", "max_seq_len", "attention")
+    names = ("dim", "n_layers", "n_heads", "inter_dim", "max_seq_len", "attention", "n_kv_heads")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.tie_embeddings:
         overrides["tie_embeddings"] = True

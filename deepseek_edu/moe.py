@@ -105,7 +105,9 @@ class Gate(nn.Module):
         indices = biased.topk(self.topk, dim=-1).indices  # (N, K)
         weights = scores.gather(1, indices)  # (N, K) from the UNBIASED scores
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            # + 1e-20: sigmoid scores underflow to 0 for logits below about -104 (fp32); without it the
+            # chosen weights of such a token would be 0 / 0 = NaN (transformers' DeepseekV3 does the same)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale  # exactly once
         return Routing(weights=weights, indices=indices, scores=scores)
 

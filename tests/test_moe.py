@@ -482,6 +482,19 @@ def test_dispatch_is_bitwise_repeatable_and_rejects_unknown_impl():
         moe(x)
 
 
+def test_underflowed_sigmoid_scores_give_finite_weights():
+    # Logits of -200 make every sigmoid score exactly 0 in fp32: the normalisation must not divide 0 by 0.
+    cfg = _cfg(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
+    moe = _moe(cfg).eval()
+    with torch.no_grad():
+        moe.gate.weight.fill_(-1.0)
+    x = torch.full((1, 3, cfg.dim), 200.0 / cfg.dim)  # logits = -200 for every expert
+    routing = moe.gate(x.reshape(-1, cfg.dim))
+    assert (routing.scores == 0).all()
+    assert torch.isfinite(routing.weights).all() and (routing.weights == 0).all()
+    assert torch.isfinite(moe(x).y).all()
+
+
 # --- FAULTS A: transformers' DeepseekV3 as a second reference ------------------------------------
 
 def _hf_moe(moe, cfg):
