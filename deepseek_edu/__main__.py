@@ -175,6 +175,13 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     return model_cfg, train_cfg
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags, checked before any work (training, loading) is done. Raises ValueError."""
+    if not args.temperature >= 0 or args.top_k < 0 or not 0 < args.top_p <= 1:  # `not >=` also rejects NaN
+        raise ValueError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got {args.temperature}, "
+                         f"{args.top_k}, {args.top_p}")
+
+
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
             seed: int) -> tuple[str, int]:
     """Continue `prompt` as the start of a document; returns (text, tokens generated).
@@ -198,6 +205,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model_cfg, train_cfg = _configs(args)
+    _check_sampling(args)
+    if args.sample_tokens < 0:
+        raise ValueError(f"--sample-tokens={args.sample_tokens} must be >= 0 (0 = no sample)")
     trainer = Trainer(model_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
     if trainer.resumed_from is not None:
         print(f"resuming from step {trainer.resumed_from} of {trainer.checkpoint_path}")
@@ -230,9 +240,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .train import load_model
+    from .train import load_model, resolve_device
 
-    model, tokenizer = load_model(args.checkpoint, device=args.device)
+    _check_sampling(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    device = resolve_device(args.device)  # ValueError when CUDA is asked for and absent
+    model, tokenizer = load_model(args.checkpoint, device=device)
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint} holds no tokenizer and none was found in the "
                          f"data cache")
@@ -248,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, CorpusUnavailableError, CorpusIntegrityError) as exc:  # CheckpointError: ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a path that cannot be written or read (--out, --checkpoint)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
