@@ -2,6 +2,7 @@
 
     tokens (B, S) -> embed -> [ Block: x + attn(attn_norm(x)); x + ffn(ffn_norm(x)) ] x n_layers
                   -> norm -> head -> logits (B, S, V)
+                  (+ the MTP modules of `mtp.py` on the last hidden state -> mtp_logits, training only)
 
 `Transformer.forward` always returns a `ModelOutput` (one fixed return type), whatever the
 features switched on. Decoding passes a `ModelCache`; the positions of the new tokens are taken
@@ -32,9 +33,15 @@ class ModelOutput:
     Attributes:
         logits: (B, S, V) next-token logits, fp32.
         hidden: (B, S, D) last block's output before the final norm (the MTP modules start from it).
-        aux_loss: () fp32 balancing loss already weighted by its alpha; 0 for a dense model.
-        mtp_logits: one (B, S, V) tensor per MTP depth; empty when the model has none.
-        expert_load: one (E,) tensor of token counts per MoE layer; empty for a dense model.
+        aux_loss: () fp32 balancing loss already weighted by its alpha, MTP blocks' included; 0 for a
+            dense model.
+        mtp_logits: one tensor per MTP depth k = 1..D, of shape (B, S - k, V) fp32 (position i
+            predicts t_{i+k+1}: its targets are y[:, k:], see `mtp.mtp_targets`); (B, 0, V) when
+            S <= k; empty when the model has no MTP modules or they were not run (decoding with a
+            cache, or ``mtp=False``).
+        expert_load: one (E,) tensor of token counts per MoE layer that ran, in the order of
+            `Transformer.moe_layers` (main layers, then the MTP blocks when they ran); empty for a
+            dense model.
     """
 
     logits: Tensor
@@ -110,6 +117,11 @@ class Transformer(nn.Module):
     Weight names follow DeepSeek's `inference/model.py`: `embed`, `layers.{i}.attn_norm`,
     `layers.{i}.attn.*`, `layers.{i}.ffn_norm`, `layers.{i}.ffn.*`, `norm`, `head`.
     With `tie_embeddings` the head *is* the embedding matrix (one tensor, one parameter).
+    With `n_mtp_depth` = D > 0, `mtp` is an `nn.ModuleList` of D `mtp.MTPModule`s (`mtp.{k-1}.enorm`,
+    `.hnorm`, `.eh_proj`, `.block.*`, `.norm`); they use `embed` and `head` themselves, never copies.
+    The main model's weights do not depend on whether MTP modules exist: with the same seed a model
+    with and one without them start from the same main weights (the MTP modules are built with a
+    forked RNG and initialised after every main parameter).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -122,6 +134,15 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        if cfg.n_mtp_depth > 0:
+            from .mtp import MTPModule  # here, not at the top: mtp.py builds on `Block`
+
+            # Construction draws random numbers that reset_parameters overwrites anyway; forking keeps the
+            # main weights equal to those of the same config without MTP (a clean with/without ablation).
+            with torch.random.fork_rng(devices=[]):
+                self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.n_mtp_depth + 1))
+        else:
+            self.mtp = None
         # Rotary factors for every position; derived from cfg, so not part of the state dict.
         self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
         self.reset_parameters()
@@ -153,6 +174,21 @@ class Transformer(nn.Module):
         return ModelCache([KVCache(batch_size, max_len, layer.attn.cache_spec(), dtype, ref.device)
                            for layer in self.layers])
 
+    def new_mtp_caches(self, batch_size: int, max_len: int | None = None,
+                       dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One empty `KVCache` per MTP depth (speculative decoding); [] for a model without MTP.
+
+        Each depth's cache has its own length: depth k lags the main cache (it needs the token k ahead).
+        """
+        if self.mtp is None:
+            return []
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        ref = self.embed.weight
+        return [KVCache(batch_size, max_len, m.block.attn.cache_spec(), dtype or ref.dtype, ref.device)
+                for m in self.mtp]
+
     def _check_tokens(self, tokens: Tensor, start_pos: int) -> None:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be an integer tensor of shape (B, S), got {tuple(tokens.shape)} "
@@ -166,7 +202,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence too long: positions {start_pos}..{start_pos + tokens.shape[1] - 1} "
                              f"exceed max_seq_len={self.cfg.max_seq_len}")
 
-    def forward(self, tokens: Tensor, cache: ModelCache | None = None, attn_impl: str | None = None) -> ModelOutput:
+    def forward(self, tokens: Tensor, cache: ModelCache | None = None, attn_impl: str | None = None,
+                mtp: bool | None = None) -> ModelOutput:
         """Logits for every position of `tokens`.
 
         Args:
@@ -174,15 +211,23 @@ class Transformer(nn.Module):
             cache: a `ModelCache` from `new_cache`; the tokens are placed after what it holds, and
                 it is extended in place. None runs positions 0..S-1 without state.
             attn_impl: MLA only: "naive", "absorbed" or "auto" for this call (None = each layer's default).
+            mtp: run the MTP modules (DeepSeek-V3 §2.2) and fill `mtp_logits`. None (default) = when the
+                model has them and no cache is given (training and evaluation forwards); decoding
+                with a cache skips them. The main logits are the same either way.
         Returns:
-            `ModelOutput` (logits (B, S, V) fp32, hidden (B, S, D), aux_loss ()).
+            `ModelOutput` (logits (B, S, V) fp32, hidden (B, S, D), aux_loss (), mtp_logits: depth k
+            (B, S - k, V), expert_load).
         Raises:
-            ValueError: on ids out of range, a sequence longer than max_seq_len, cache overflow, or
-                `attn_impl` given for a model without MLA.
+            ValueError: on ids out of range, a sequence longer than max_seq_len, cache overflow,
+                `attn_impl` given for a model without MLA, or mtp=True with a cache or without MTP modules.
         """
         if attn_impl is not None and self.cfg.attention != "mla":
             raise ValueError(f"attn_impl={attn_impl!r} applies to attention='mla' only, this model has "
                              f"attention={self.cfg.attention!r}")
+        if mtp and (cache is not None or self.mtp is None):
+            raise ValueError("mtp=True needs a model with MTP modules (n_mtp_depth > 0) and no cache; "
+                             "speculative decoding drives them with their own caches (generate.py)")
+        run_mtp = self.mtp is not None and cache is None if mtp is None else mtp
         start_pos = cache.length if cache is not None else 0
         self._check_tokens(tokens, start_pos)
         S = tokens.shape[1]
@@ -196,11 +241,32 @@ class Transformer(nn.Module):
                 aux_loss = aux_loss + moe.aux_loss
                 expert_load.append(moe.load)
         logits = self.head(self.norm(h)).float()  # (B, S, V)
-        return ModelOutput(logits=logits, hidden=h, aux_loss=aux_loss, expert_load=expert_load)
+        mtp_logits = []
+        if run_mtp:
+            h_prev = h
+            for k, module in enumerate(self.mtp, start=1):
+                n = S - k  # depth k: positions 0..S-k-1, each reads the token k ahead, t_k..t_{S-1}
+                if n <= 0:  # too short a window: nothing to predict at this depth or deeper
+                    mtp_logits.extend(logits.new_zeros(tokens.shape[0], 0, logits.shape[-1])
+                                      for _ in range(k, len(self.mtp) + 1))
+                    break
+                h_prev, depth_logits, moe = module(h_prev[:, :n], tokens[:, k:], self.embed, self.head,
+                                                   self.freqs_cis[:n], None, attn_impl)  # (B,n,D), (B,n,V)
+                mtp_logits.append(depth_logits)
+                if moe is not None:
+                    aux_loss = aux_loss + moe.aux_loss
+                    expert_load.append(moe.load)
+        return ModelOutput(logits=logits, hidden=h, aux_loss=aux_loss, mtp_logits=mtp_logits,
+                           expert_load=expert_load)
 
     def moe_layers(self) -> list[MoE]:
-        """The DeepSeekMoE layers, in depth order (empty for a dense model)."""
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        """The DeepSeekMoE layers: the main blocks' in depth order, then the MTP blocks' (empty for a dense model).
+
+        The MTP blocks' MoE is included so that `update_router_biases` balances it too (its load is
+        gathered whenever the MTP modules run in train mode).
+        """
+        blocks = list(self.layers) + ([m.block for m in self.mtp] if self.mtp is not None else [])
+        return [block.ffn for block in blocks if isinstance(block.ffn, MoE)]
 
     def update_router_biases(self) -> list[Tensor]:
         """Auxiliary-loss-free balancing: call once per optimizer step, after `optimizer.step()`.

@@ -72,6 +72,7 @@ from .data import (
 )
 from .model import ModelOutput, Transformer
 from .moe import max_violation
+from .mtp import mtp_loss_terms
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_NAME = "metrics.jsonl"
@@ -151,35 +152,54 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 # --- loss and evaluation -------------------------------------------------------------------------------
 
 
-def extra_loss_terms(output: ModelOutput, targets: Tensor) -> dict[str, Tensor]:
-    """Hook for the loss terms that later chapters add to the next-token loss; none exist yet.
+def extra_loss_terms(output: ModelOutput, targets: Tensor, mtp_loss_weight: float | None = None) -> dict[str, Tensor]:
+    """The loss terms added to the next-token loss: Multi-Token Prediction (DeepSeek-V3 §2.2).
 
-    Multi-Token Prediction (chapter 05, DeepSeek-V3 §2.2) will return its weighted term here,
-    ``{"mtp": mtp_loss_weight * mean_k CE_k}``. Until then a model that produces MTP logits is
-    refused rather than trained with its MTP heads silently left out of the loss (FAULTS kind B).
+    With D depths of MTP logits, returns ``{"mtp_loss_1": (λ/D)·CE_1, ..., "mtp_loss_D": (λ/D)·CE_D}``:
+    each depth's cross-entropy against its own targets y[:, k:] (never wrapped around,
+    `mtp.mtp_targets`), already weighted so that their sum is L_MTP = (λ/D) Σ_k CE_k. An empty dict
+    for a model without MTP (or a forward that did not run it).
 
+    Args:
+        output: the model's `ModelOutput`; depth k's logits are (B, S - k, V).
+        targets: (B, S) int64 next-token targets of the main head.
+        mtp_loss_weight: λ; required when `output.mtp_logits` is not empty (the model's
+            `cfg.mtp_loss_weight`; `lm_loss` passes it).
     Returns:
         name -> () fp32 tensor, already weighted; added to the loss by `lm_loss`.
     Raises:
-        NotImplementedError: `output.mtp_logits` is not empty.
+        ValueError: MTP logits without a weight, or logits whose positions do not fit the targets.
     """
-    if output.mtp_logits:
-        raise NotImplementedError("the model returns MTP logits but the MTP loss (deepseek_edu.mtp, "
-                                  "chapter 05) is not wired into train.extra_loss_terms yet")
-    return {}
+    return _mtp_terms(output, targets, mtp_loss_weight)[0]
 
 
-def lm_loss(output: ModelOutput, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
-    """Training loss: mean next-token cross-entropy (fp32, nats/token) + the model's aux loss.
+def _mtp_terms(output: ModelOutput, targets: Tensor,
+               mtp_loss_weight: float | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """({"mtp_loss_k": (λ/D)·CE_k}, {"mtp_ce_k": CE_k}) for k = 1..D; two empty dicts without MTP logits."""
+    if not output.mtp_logits:
+        return {}, {}
+    if mtp_loss_weight is None:
+        raise ValueError("the output has MTP logits: pass mtp_loss_weight (the model's cfg.mtp_loss_weight)")
+    terms = mtp_loss_terms(output.mtp_logits, targets)
+    scale = mtp_loss_weight / len(terms)
+    weighted = {f"mtp_loss_{k}": scale * ce for k, ce in enumerate(terms, start=1)}
+    return weighted, {f"mtp_ce_{k}": ce for k, ce in enumerate(terms, start=1)}
+
+
+def lm_loss(output: ModelOutput, targets: Tensor, mtp_loss_weight: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Training loss: mean next-token cross-entropy (fp32, nats/token) + the model's aux loss + MTP.
 
     Args:
         output: the model's `ModelOutput` for inputs x; output.logits is (B, T, V).
         targets: (B, T) int64, the next token of every position (y[:, t] = x[:, t + 1]).
+        mtp_loss_weight: λ of the MTP loss, needed when output.mtp_logits is not empty.
     Returns:
         loss: () fp32 to backpropagate, and metrics (Python floats): "loss" (the total), "ce"
-        (cross-entropy over all B * T positions), "aux_loss", plus one entry per `extra_loss_terms`.
+        (the main head's cross-entropy over all B * T positions, MTP excluded), "aux_loss", plus one
+        entry per `extra_loss_terms` ("mtp_loss_k", weighted by λ/D) and, with MTP, "mtp_ce_k" (the
+        unweighted cross-entropy of depth k, nats/token, for logging).
     Raises:
-        ValueError: logits and targets disagree in (B, T).
+        ValueError: logits and targets disagree in (B, T); MTP logits without mtp_loss_weight.
     """
     logits = output.logits
     if logits.shape[:-1] != targets.shape:
@@ -188,10 +208,11 @@ def lm_loss(output: ModelOutput, targets: Tensor) -> tuple[Tensor, dict[str, flo
     V = logits.shape[-1]
     ce = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))  # (B*T, V) vs (B*T,) -> ()
     aux = output.aux_loss.float()
-    extra = extra_loss_terms(output, targets)
+    extra, mtp_ce = _mtp_terms(output, targets, mtp_loss_weight)  # the same terms as `extra_loss_terms`
     loss = ce + aux + sum(extra.values(), torch.zeros((), device=ce.device))
     metrics = {"loss": loss.item(), "ce": ce.item(), "aux_loss": aux.item()}
     metrics.update({name: term.item() for name, term in extra.items()})
+    metrics.update({name: term.item() for name, term in mtp_ce.items()})  # unweighted, comparable with "ce"
     return loss, metrics
 
 
@@ -225,7 +246,7 @@ def evaluate(model: Transformer, tokens: Tensor, cfg: TrainConfig) -> float:
         for x, y in iter_eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
             x, y = x.to(device), y.to(device)
             with _autocast(device, cfg):
-                logits = model(x).logits  # (b, T, V)
+                logits = model(x, mtp=False).logits  # (b, T, V); the main head only
             total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                      reduction="sum").item()
             count += y.numel()
@@ -750,7 +771,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         with _autocast(self.device, self.cfg):
             output = self.model(x)
-        loss, metrics = lm_loss(output, y)
+        loss, metrics = lm_loss(output, y, self.model_cfg.mtp_loss_weight)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step + 1}; lower "
                                      f"lr={self.cfg.lr} or check the data")

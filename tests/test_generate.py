@@ -12,7 +12,11 @@ Checks:
   top_p 0.5 keeps exactly two); top-p applies to what top-k left (as `transformers`' warpers do);
 - eos: a row stops at eos and is padded with eos; generation ends when every row has stopped;
 - errors: bad temperature / top_k / top_p / max_new_tokens, empty or 3-D prompts, and requests
-  longer than max_seq_len raise ValueError.
+  longer than max_seq_len raise ValueError;
+- speculative decoding (FAULTS E): token for token the greedy output for every attention kind, dense
+  and MoE FFNs, MTP depth 1 and 2 (untrained MTP drafts: mostly rejected), and for always-right,
+  always-wrong and alternating drafts on a model without MTP modules; the main cache ends with every
+  token but the last; the mode is restored. Trained-model cases are in tests/test_mtp.py.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pytest
 import torch
 
 from deepseek_edu.config import ModelConfig
-from deepseek_edu.generate import generate, sample_next
+from deepseek_edu.generate import generate, sample_next, speculative_generate
 from deepseek_edu.model import Transformer
 
 V = 61
@@ -260,3 +264,41 @@ def test_generate_restores_the_training_mode_and_rejects_nan_temperature() -> No
     assert model.training  # MoE load (aux-loss-free balancing) only accumulates in training mode
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [1, 2], 3, temperature=float("nan"))
+
+
+# --- speculative decoding --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculative_with_mtp_equals_greedy(kind, moe, depth):
+    extra = dict(n_mtp_depth=depth)
+    if moe:
+        extra |= dict(n_dense_layers=1, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16)
+    model = _model(kind, **extra)
+    prompt = _prompt(1, 5, seed=3)[0]
+    ref = generate(model, prompt, max_new_tokens=20)
+    out = speculative_generate(model, prompt, max_new_tokens=20)
+    assert out.tokens.tolist() == ref.tolist()
+    assert out.cache.length == 5 + 20 - 1
+    assert all(c.length <= 5 + 20 - 1 - k for k, c in enumerate(out.mtp_caches, start=1))
+    assert not model.training
+
+
+@pytest.mark.parametrize("n_draft", [1, 3])
+def test_speculative_with_custom_drafts_equals_greedy(n_draft):
+    model = _model("mla")  # no MTP modules: the draft is given
+    prompt = _prompt(1, 4, seed=5)[0]
+    ref = generate(model, prompt, max_new_tokens=18)[0].tolist()
+    drafts = {
+        "right": lambda t, n: ref[len(t):len(t) + n],
+        "wrong": lambda t, n: [(x + 1) % V for x in ref[len(t):len(t) + n]],
+        # right, then wrong: partial acceptance in the middle of a draft
+        "half": lambda t, n: [x if i == 0 else (x + 1) % V for i, x in enumerate(ref[len(t):len(t) + n])],
+    }
+    for name, fn in drafts.items():
+        out = speculative_generate(model, prompt, 18, n_draft=n_draft, draft=fn)
+        assert out.tokens[0].tolist() == ref, name
+        assert out.cache.length == 4 + 18 - 1, name
+    half = speculative_generate(model, prompt, 18, n_draft=n_draft, draft=drafts["half"])
+    assert half.accepted[0] == half.drafted[0] and sum(half.accepted[1:]) == 0

@@ -5,13 +5,16 @@ Checks, with hand-computed values where there is a number to compute:
 * `lr_at` at the start and end of warmup, in the middle and at the end of every schedule (cosine,
   warmup-stable-decay, constant), and that the `LambdaLR` the trainer steps reproduces it exactly;
 * `lm_loss` equals a hand-computed cross-entropy (and `F.cross_entropy`), adds the aux loss, gives
-  ln V for a uniform model, and refuses MTP logits it cannot yet weigh (FAULTS kind B);
+  ln V for a uniform model, and adds the MTP terms (λ/D)·CE_k while logging the main CE as "ce"
+  (more in tests/test_mtp.py); MTP logits without a weight are refused (FAULTS kind B);
 * AdamW decays matrices only and lists a tied head once; `evaluate` is deterministic, leaves the
   RNG streams alone and restores train mode;
 * persistence (FAULTS kind K): 6 straight steps equal 3 steps + checkpoint + fresh objects + 3
   steps -- parameters, AdamW state, scheduler, losses, sampler and RNG streams bitwise, for tied and
   untied heads, through an explicit save, Ctrl-C (a real SIGINT) and a callback's KeyboardInterrupt;
-  an MoE model's router biases move by +-gamma every step and resume exactly too (kind B);
+  an MoE model's router biases move by +-gamma every step and resume exactly too (kind B); so does
+  a model with MTP modules (their weights and their MoE block's bias included), whose per-depth MTP
+  losses are logged and whose checkpoint loads back into a fresh model with the same logits;
 * checkpoints: a tied head is stored once and re-tied on load; a crash during the write leaves the
   previous checkpoint intact and no partial file; truncated or bit-flipped files, foreign files,
   unknown versions, other model configs, changed training setups and a changed tokenizer raise
@@ -166,11 +169,20 @@ def test_uniform_model_loss_is_ln_v(V):
     assert metrics["ce"] == pytest.approx(math.log(V), rel=1e-6)
 
 
-def test_mtp_logits_are_refused_until_the_mtp_loss_exists():
-    out = ModelOutput(logits=torch.zeros(1, 2, 3), hidden=torch.zeros(1, 2, 4), aux_loss=torch.zeros(()),
-                      mtp_logits=[torch.zeros(1, 2, 3)])
-    with pytest.raises(NotImplementedError, match="MTP"):
-        lm_loss(out, torch.zeros(1, 2, dtype=torch.long))
+def test_mtp_logits_hand_example():
+    # V = 3, S = 3, one depth: logits at positions 0, 1 predict targets y[:, 1:] = [2, 0]
+    y = torch.tensor([[1, 2, 0]])
+    mtp = torch.tensor([[[0.0, 0.0, math.log(2.0)], [math.log(3.0), 0.0, 0.0]]])  # p(2) = 1/2, p(0) = 3/5
+    out = ModelOutput(logits=torch.zeros(1, 3, 3), hidden=torch.zeros(1, 3, 4), aux_loss=torch.zeros(()),
+                      mtp_logits=[mtp])
+    ce_1 = -(math.log(1 / 2) + math.log(3 / 5)) / 2
+    loss, metrics = lm_loss(out, y, mtp_loss_weight=0.3)
+    assert metrics["ce"] == pytest.approx(math.log(3), rel=1e-6), "the logged main loss excludes MTP"
+    assert metrics["mtp_ce_1"] == pytest.approx(ce_1, rel=1e-6)
+    assert metrics["mtp_loss_1"] == pytest.approx(0.3 * ce_1, rel=1e-6)
+    assert loss.item() == pytest.approx(math.log(3) + 0.3 * ce_1, rel=1e-6)
+    with pytest.raises(ValueError, match="mtp_loss_weight"):
+        lm_loss(out, y)
     assert extra_loss_terms(ModelOutput(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), torch.zeros(())),
                             torch.zeros(1, 2, dtype=torch.long)) == {}
 
@@ -324,6 +336,39 @@ def test_moe_router_bias_moves_every_step_and_resumes_exactly(dataset, tmp_path)
     second.fit()
     _assert_same_state(straight, second)
     assert torch.equal(bias, second.model.layers[1].ffn.gate.bias)
+
+
+def test_mtp_model_trains_logs_each_depth_and_resumes_exactly(dataset, tmp_path):
+    """MTP modules (D = 2, MoE block) are trained, logged per depth, checkpointed and resumed bitwise (kind K)."""
+    mcfg = tiny_model_cfg(n_layers=2, n_dense_layers=1, n_routed_experts=4, n_activated_experts=2,
+                          moe_inter_dim=16, bias_update_speed=1e-3, n_mtp_depth=2, mtp_loss_weight=0.3)
+    tcfg = tiny_train_cfg(tmp_path / "straight", max_steps=4, eval_every=2)
+    straight = Trainer(mcfg, tcfg, progress=False, dataset=dataset)
+    straight.fit()
+    rec = straight.history[-1]
+    for k in (1, 2):
+        assert rec[f"mtp_loss_{k}"] == pytest.approx(0.3 / 2 * rec[f"mtp_ce_{k}"], rel=1e-5)
+    assert rec["loss"] == pytest.approx(rec["ce"] + rec["aux_loss"] + rec["mtp_loss_1"] + rec["mtp_loss_2"], rel=1e-5)
+    assert straight.model.mtp[1].block.ffn.gate.bias.abs().sum() > 0, "the MTP block's router bias never moved"
+    state = load_checkpoint(straight.checkpoint_path).model_state
+    assert "mtp.1.eh_proj.weight" in state and "mtp.0.block.ffn.gate.bias" in state
+    assert not any(k.startswith("mtp.") and ("embed" in k or "head" in k) for k in state)
+    model, _ = load_model(straight.checkpoint_path)
+    x = dataset.val[:16][None]
+    with torch.no_grad():
+        a, b = model(x), straight.model.eval()(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mtp_logits[1], b.mtp_logits[1])
+
+    tcfg = tcfg.replace(out_dir=str(tmp_path / "resumed"))
+    first = Trainer(mcfg, tcfg, progress=False, dataset=dataset)
+    first.fit(until=2)
+    first.save()
+    second = Trainer(mcfg, tcfg, resume=True, progress=False, dataset=dataset)
+    second.fit()
+    straight.model.train()
+    _assert_same_state(straight, second)
+    assert [r["mtp_ce_2"] for r in straight.history] == [r["mtp_ce_2"] for r in second.history]
+    assert torch.equal(straight.model.mtp[1].block.ffn.gate.bias, second.model.mtp[1].block.ffn.gate.bias)
 
 
 def test_ctrl_c_saves_the_last_completed_step(dataset, tmp_path, capsys):
