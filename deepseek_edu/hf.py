@@ -69,7 +69,7 @@ WEIGHTS_NAME = "model.safetensors"  # transformers' file name for an unsharded c
 INDEX_NAME = "model.safetensors.index.json"  # ... and the index of a sharded one
 CONFIG_NAME = "config.json"
 OURS_NAME = "deepseek_edu.json"  # our full ModelConfig, next to transformers' config.json
-TRANSFORMERS_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with this eps, not rms_norm_eps
+TRANSFORMERS_NORM_EPS = 1e-6  # eps of transformers' q_a_layernorm / kv_a_layernorm (not rms_norm_eps)
 
 # --- the one name table ------------------------------------------------------------------------
 # (scope, our key, checkpoint key, rotary rows). Scopes: "model" keys are used as they are; "layer" keys
@@ -220,7 +220,8 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig, rope_interleave
     return out
 
 
-def from_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig, rope_interleave: bool = True) -> dict[str, Tensor]:
+def from_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig,
+                       rope_interleave: bool = True) -> dict[str, Tensor]:
     """Checkpoint names -> our state dict (inverse of `to_hf_state_dict`).
 
     Fused expert tensors (`mlp.experts.gate_up_proj` / `down_proj`) are split first. The MTP layers'
@@ -274,8 +275,9 @@ def _fuse_experts(state: dict[str, Tensor], n_experts: int) -> dict[str, Tensor]
     prefixes = sorted({k.split("mlp.experts.")[0] for k in state if ".mlp.experts." in k})
     for p in prefixes:
         e = f"{p}mlp.experts."
-        out[e + "gate_up_proj"] = torch.stack([torch.cat([state[f"{e}{j}.gate_proj.weight"],
-                                                          state[f"{e}{j}.up_proj.weight"]]) for j in range(n_experts)])
+        gate_up = [torch.cat([state[f"{e}{j}.gate_proj.weight"], state[f"{e}{j}.up_proj.weight"]])  # (2I, D)
+                   for j in range(n_experts)]
+        out[e + "gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, D)
         out[e + "down_proj"] = torch.stack([state[f"{e}{j}.down_proj.weight"] for j in range(n_experts)])
     return out
 
@@ -294,7 +296,7 @@ def _hf_classes(kind: str):
 
 
 def hf_kind(cfg: ModelConfig) -> str:
-    """"v3" (sigmoid gate, or a dense model) or "v2" (softmax gate): which transformers class fits."""
+    """Which transformers class fits: "v3" (sigmoid gate, or a dense model) or "v2" (softmax gate)."""
     return "v2" if cfg.uses_moe and cfg.score_func == "softmax" else "v3"
 
 
@@ -310,7 +312,8 @@ def unsupported_reasons(cfg: ModelConfig) -> list[str]:
     """
     r = []
     if cfg.attention != "mla":
-        r.append(f"attention={cfg.attention!r}: transformers' DeepseekV3/V2 implement MLA only (attention='mla')")
+        r.append(f"attention={cfg.attention!r}: transformers' DeepseekV3/V2 implement MLA only "
+                 f"(attention='mla')")
     if cfg.norm_eps != TRANSFORMERS_NORM_EPS:
         r.append(f"norm_eps={cfg.norm_eps}: transformers' q_a_layernorm/kv_a_layernorm use eps=1e-6 whatever "
                  f"rms_norm_eps says")
@@ -319,20 +322,21 @@ def unsupported_reasons(cfg: ModelConfig) -> list[str]:
     E, G = cfg.n_routed_experts, cfg.n_expert_groups
     if cfg.score_func == "sigmoid":
         if cfg.group_score == "max" and G > 1:
-            r.append("score_func='sigmoid' with group_score='max': DeepseekV3's router sums the top two scores "
-                     "of each group (group_score='top2_sum')")
+            r.append("score_func='sigmoid' with group_score='max': DeepseekV3's router sums the top two "
+                     "scores of each group (group_score='top2_sum')")
         if E // G < 2:
             r.append(f"n_routed_experts={E} / n_expert_groups={G} < 2: DeepseekV3's router takes the top two "
                      f"scores of every group")
     else:
         if cfg.norm_topk_prob:
-            r.append("score_func='softmax' with norm_topk_prob=True: DeepseekV2's router never normalises the "
-                     "chosen weights (and DeepseekV3's only scores with a sigmoid)")
+            r.append("score_func='softmax' with norm_topk_prob=True: DeepseekV2's router never normalises "
+                     "the chosen weights (and DeepseekV3's only scores with a sigmoid)")
         if cfg.group_score == "top2_sum" and G > 1:
             r.append("score_func='softmax' with group_score='top2_sum': DeepseekV2's group-limited router "
                      "scores a group by its max")
         if cfg.dim % cfg.n_heads:
-            r.append(f"dim={cfg.dim} is not divisible by n_heads={cfg.n_heads} (DeepseekV2Config requires it)")
+            r.append(f"dim={cfg.dim} is not divisible by n_heads={cfg.n_heads} "
+                     f"(DeepseekV2Config requires it)")
         if cfg.n_mtp_depth:
             r.append(f"n_mtp_depth={cfg.n_mtp_depth}: DeepseekV2Config has no num_nextn_predict_layers")
     return r
@@ -378,8 +382,9 @@ def hf_config(cfg: ModelConfig, rope_interleave: bool = True):
     kw: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-        q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, max_position_embeddings=cfg.max_seq_len,
+        q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim, max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
         hidden_act="silu", attention_bias=False,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
@@ -394,7 +399,8 @@ def hf_config(cfg: ModelConfig, rope_interleave: bool = True):
         kw.update(first_k_dense_replace=cfg.n_layers, n_routed_experts=1, n_shared_experts=0,
                   num_experts_per_tok=1, n_group=1, topk_group=1)
     if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:  # transformers >= 5
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta), **(rope_scaling or {})}
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta),
+                                 **(rope_scaling or {})}
         kw["rope_parameters"].pop("type", None)
     else:  # transformers 4.x: rope_theta and rope_scaling
         kw.update(rope_theta=float(cfg.rope_theta), rope_scaling=rope_scaling)
@@ -431,13 +437,15 @@ def config_from_hf(hf, **training_fields: Any) -> ModelConfig:
     kind = {"deepseek_v3": "v3", "deepseek_v2": "v2"}.get(getattr(hf, "model_type", None))
     e = []
     if kind is None:
-        raise ValueError(f"model_type={getattr(hf, 'model_type', None)!r}: expected 'deepseek_v3' or 'deepseek_v2'")
+        raise ValueError(f"model_type={getattr(hf, 'model_type', None)!r}: expected 'deepseek_v3' or "
+                         f"'deepseek_v2'")
     if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
         e.append("attention_bias/mlp_bias=True: our projections have no bias")
     if getattr(hf, "hidden_act", "silu") != "silu":
         e.append(f"hidden_act={hf.hidden_act!r}: our SwiGLU uses SiLU")
     if (hf.num_key_value_heads or hf.num_attention_heads) != hf.num_attention_heads:
-        e.append(f"num_key_value_heads={hf.num_key_value_heads} != num_attention_heads={hf.num_attention_heads}")
+        e.append(f"num_key_value_heads={hf.num_key_value_heads} != "
+                 f"num_attention_heads={hf.num_attention_heads}")
     rope = _rope_dict(hf)
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -446,8 +454,8 @@ def config_from_hf(hf, **training_fields: Any) -> ModelConfig:
         mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
         if not mscale or mscale != mscale_all or rope.get("attention_factor") not in (None, 1, 1.0):
             e.append(f"yarn mscale={mscale}, mscale_all_dim={mscale_all}, attention_factor="
-                     f"{rope.get('attention_factor')}: we scale the softmax by (0.1·mscale·ln s + 1)² and never "
-                     f"cos/sin, which needs mscale == mscale_all_dim and no attention_factor")
+                     f"{rope.get('attention_factor')}: we scale the softmax by (0.1·mscale·ln s + 1)² and "
+                     f"never cos/sin, which needs mscale == mscale_all_dim and no attention_factor")
         if rope.get("truncate", True) is False:
             e.append("yarn truncate=False: our correction range is truncated (DeepSeek's code)")
         original = rope.get("original_max_position_embeddings", hf.max_position_embeddings)
@@ -460,7 +468,8 @@ def config_from_hf(hf, **training_fields: Any) -> ModelConfig:
     elif rope_type != "default":
         e.append(f"rope_type={rope_type!r}: only 'default' and 'yarn' are supported")
     n_layers = hf.num_hidden_layers
-    moe: dict[str, Any] = dict(n_routed_experts=0, n_shared_experts=0, n_activated_experts=0, n_dense_layers=n_layers)
+    moe: dict[str, Any] = dict(n_routed_experts=0, n_shared_experts=0, n_activated_experts=0,
+                               n_dense_layers=n_layers)
     if (hf.first_k_dense_replace or 0) < n_layers and hf.n_routed_experts:
         groups, limited = hf.n_group or 1, hf.topk_group or 1
         if kind == "v2":
@@ -471,7 +480,8 @@ def config_from_hf(hf, **training_fields: Any) -> ModelConfig:
                 e.append(f"topk_method={method!r}: expected 'greedy' or 'group_limited_greedy'")
         moe = dict(n_routed_experts=hf.n_routed_experts, n_shared_experts=hf.n_shared_experts or 0,
                    n_activated_experts=hf.num_experts_per_tok, moe_inter_dim=hf.moe_intermediate_size,
-                   n_dense_layers=hf.first_k_dense_replace or 0, n_expert_groups=groups, n_limited_groups=limited,
+                   n_dense_layers=hf.first_k_dense_replace or 0, n_expert_groups=groups,
+                   n_limited_groups=limited,
                    route_scale=float(hf.routed_scaling_factor),
                    score_func="sigmoid" if kind == "v3" else "softmax",
                    group_score="top2_sum" if kind == "v3" else "max",
@@ -484,7 +494,8 @@ def config_from_hf(hf, **training_fields: Any) -> ModelConfig:
         vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=n_layers, n_heads=hf.num_attention_heads,
         max_seq_len=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps, init_std=hf.initializer_range,
         tie_embeddings=bool(hf.tie_word_embeddings), attention="mla", q_lora_rank=hf.q_lora_rank or 0,
-        kv_lora_rank=hf.kv_lora_rank, qk_nope_head_dim=hf.qk_nope_head_dim, qk_rope_head_dim=hf.qk_rope_head_dim,
+        kv_lora_rank=hf.kv_lora_rank, qk_nope_head_dim=hf.qk_nope_head_dim,
+        qk_rope_head_dim=hf.qk_rope_head_dim,
         v_head_dim=hf.v_head_dim, inter_dim=hf.intermediate_size, rope_theta=float(theta),
         n_mtp_depth=int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if kind == "v3" else 0,
     )
@@ -595,11 +606,13 @@ def save_pretrained(model: Transformer, folder: str | Path, state: dict[str, Ten
     if hf_kind(cfg) == "v2":
         tensors = {k: v for k, v in tensors.items() if not k.endswith("e_score_correction_bias")}
     if cfg.tie_embeddings:  # one storage, one name (safetensors refuses two)
-        tensors = {k: v for k, v in tensors.items() if not k.endswith(("lm_head.weight", "shared_head.head.weight"))}
+        tied = ("lm_head.weight", "shared_head.head.weight")
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(tied)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    (folder / OURS_NAME).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    ours_json = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+    (folder / OURS_NAME).write_text(ours_json, encoding="utf-8")
     copies = tuple(MTP_SHARED_COPIES)  # the MTP layers' copies share storage with the originals: clone them
     tensors = {k: v.detach().cpu().clone() if k.endswith(copies) else v.detach().contiguous().cpu()
                for k, v in tensors.items()}
@@ -626,7 +639,8 @@ def read_pretrained(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]
     raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     kind = {"deepseek_v3": "v3", "deepseek_v2": "v2"}.get(raw.get("model_type"))
     if kind is None:
-        raise ValueError(f"{folder / CONFIG_NAME}: model_type={raw.get('model_type')!r}, expected deepseek_v3/v2")
+        raise ValueError(f"{folder / CONFIG_NAME}: model_type={raw.get('model_type')!r}, "
+                         f"expected deepseek_v3 or deepseek_v2")
     config_cls, _ = _hf_classes(kind)
     hf = config_cls.from_pretrained(folder)
     if (folder / OURS_NAME).is_file():
@@ -665,8 +679,9 @@ def load_pretrained(folder: str | Path) -> Transformer:
     missing = sorted(k for k in wanted if k not in state and not k.endswith("ffn.gate.bias"))
     extra = sorted(k for k in state if k not in wanted)
     if missing or extra:
-        raise ValueError(f"{folder}: weights do not fit Transformer({cfg.n_layers} layers): missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}{' (MTP modules)' if any(k.startswith('mtp.') for k in extra) else ''}")
+        mtp = " (MTP modules)" if any(k.startswith("mtp.") for k in extra) else ""
+        raise ValueError(f"{folder}: weights do not fit Transformer({cfg.n_layers} layers): "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}{mtp}")
     for k in wanted:  # V2 folders have no selection bias: ours stays zero
         state.setdefault(k, wanted[k])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

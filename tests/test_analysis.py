@@ -22,16 +22,16 @@ import torch
 
 from deepseek_edu.analysis import (
     count_params,
-    flops_per_token,
-    mtp_module_params,
     deepseek_llm_67b_config,
     dtype_bytes,
+    flops_per_token,
     kv_cache_bytes_per_token,
     kv_cache_elements_per_token,
     kv_cache_elements_per_token_per_layer,
     kv_cache_reduction,
     kv_cache_reduction_v2_vs_67b,
     measured_cache_bytes,
+    mtp_module_params,
 )
 from deepseek_edu.config import ModelConfig, get_preset
 from deepseek_edu.model import Transformer
@@ -209,7 +209,8 @@ def test_count_equals_instantiated_model(name):
 
 
 @pytest.mark.parametrize("changes", [
-    dict(attention="mla", q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, kv_lora_rank=16),
+    dict(attention="mla", q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+         kv_lora_rank=16),
     dict(attention="gqa", n_kv_heads=2),
     dict(attention="mqa"),
     dict(tie_embeddings=True),
@@ -223,8 +224,10 @@ def test_count_equals_instantiated_model_variants(changes):
 
 
 def test_hand_computed_moe_model():
-    # D=8, V=10, 2 blocks: block 0 dense (I=16), block 1 MoE: E=4 routed + 1 shared of width 4, K=2; MHA 2 heads
-    cfg = ModelConfig(vocab_size=10, dim=8, n_layers=2, n_heads=2, inter_dim=16, max_seq_len=8, n_dense_layers=1,
+    # D=8, V=10, 2 blocks: block 0 dense (I=16), block 1 MoE: E=4 routed + 1 shared of width 4, K=2;
+    # MHA with 2 heads
+    cfg = ModelConfig(vocab_size=10, dim=8, n_layers=2, n_heads=2, inter_dim=16, max_seq_len=8,
+                      n_dense_layers=1,
                       n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=4)
     attn = 4 * 8 * 8  # wq, wk, wv, wo: (8, 8) each
     norms = 2 * 8

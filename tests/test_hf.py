@@ -2,20 +2,22 @@
 
 Checks, on small random models whose weights have a std large enough that norms, routing and the
 selection bias matter: logits agree within 1e-4 (max abs, fp32) for MLA with and without query
-compression, group-limited routing on and off, a random nonzero selection bias (and that routing
-really depends on it), YaRN at positions beyond original_seq_len (and that it changes the logits),
-V2-style softmax gates against DeepseekV2ForCausalLM, a dense model with a tied head, no shared
-experts, and transformers' half-split rotary layout (rope_interleave=False, rows permuted; unpermuted
-rows disagree); our -> HF -> our gives identical state dicts; save_pretrained / load_pretrained and
-transformers' own from_pretrained / save_pretrained read each other's folders; greedy `generate`
-of transformers equals ours; the MTP part of the name table (layers n_layers + k with enorm, hnorm,
-eh_proj, shared_head.*, copies of embedding and head) round-trips through a folder and transformers
-ignores those tensors (no error, same logits); configs transformers cannot express raise ValueError.
+compression, group-limited routing on and off, a random nonzero selection bias (and that routing really
+depends on it), YaRN at positions beyond original_seq_len (and that it changes the logits), V2-style
+softmax gates against DeepseekV2ForCausalLM (with and without groups and YaRN), a dense model with a
+tied head, no shared experts, and transformers' half-split rotary layout (rope_interleave=False, rows
+permuted; unpermuted rows disagree); our -> HF -> our gives identical state dicts; save_pretrained /
+load_pretrained and transformers' own from_pretrained / save_pretrained read each other's folders;
+greedy `generate` of transformers equals ours; the MTP part of the name table (layers n_layers + k with
+enorm, hnorm, eh_proj, shared_head.*, copies of embedding and head) round-trips through a folder and
+transformers ignores those tensors (no error, same logits); configs transformers cannot express raise
+ValueError.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -42,9 +44,17 @@ CONFIGS = {
     "v2-softmax-greedy-qlora": BASE.replace(score_func="softmax", group_score="max", norm_topk_prob=False,
                                             n_expert_groups=1, n_limited_groups=1, q_lora_rank=16,
                                             bias_update_speed=0.0),
-    "dense-tied": get_preset("dense-tiny").replace(vocab_size=97, max_seq_len=48, n_mtp_depth=0, tie_embeddings=True),
+    "v2-softmax-yarn": BASE.replace(score_func="softmax", group_score="max", norm_topk_prob=False,
+                                    bias_update_speed=0.0, max_seq_len=96, original_seq_len=24,
+                                    rope_factor=8.0, mscale=0.707),
+    "dense-tied": get_preset("dense-tiny").replace(vocab_size=97, max_seq_len=48, n_mtp_depth=0,
+                                                   tie_embeddings=True),
     "no-shared-unnormalised": BASE.replace(n_shared_experts=0, norm_topk_prob=False, route_scale=2.5),
 }
+
+
+def hf_class(name):
+    return transformers.DeepseekV2ForCausalLM if name.startswith("v2") else transformers.DeepseekV3ForCausalLM
 
 
 def random_model(cfg, seed=0, std=0.15):
@@ -54,7 +64,8 @@ def random_model(cfg, seed=0, std=0.15):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std if p.dim() > 1 else 1 + 0.3 * torch.randn(p.shape, generator=g))
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * std if p.dim() > 1 else 1 + 0.3 * noise)
         if cfg.score_func == "sigmoid":
             for moe in model.moe_layers():
                 moe.gate.bias.copy_(0.5 * torch.randn(moe.gate.bias.shape, generator=g))
@@ -62,7 +73,8 @@ def random_model(cfg, seed=0, std=0.15):
 
 
 def tokens(cfg, batch=2, seed=1):
-    return torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len), generator=g)
 
 
 def max_diff(ours, theirs, x):
@@ -75,7 +87,7 @@ def test_logits_agree_and_round_trip(name):
     cfg = CONFIGS[name]
     ours = random_model(cfg)
     theirs = hf.to_hf(ours)
-    expected = transformers.DeepseekV2ForCausalLM if name.startswith("v2") else transformers.DeepseekV3ForCausalLM
+    expected = hf_class(name)
     assert type(theirs) is expected
     x = tokens(cfg)
     diff = max_diff(ours, theirs, x)
@@ -108,12 +120,13 @@ def test_yarn_changes_logits_and_mscale_is_squared():
     plain.load_state_dict(ours.state_dict())
     assert max_diff(ours, plain, x) > 1e-2, "YaRN should matter beyond original_seq_len"
     theirs = hf.to_hf(ours)
-    rope = theirs.config.rope_parameters if hasattr(theirs.config, "rope_parameters") else theirs.config.rope_scaling
+    rope = getattr(theirs.config, "rope_parameters", None) or theirs.config.rope_scaling
     assert rope["factor"] == 4.0 and rope["mscale"] == rope["mscale_all_dim"] == 0.8
     assert rope["original_max_position_embeddings"] == 24
     for layer in theirs.model.layers:  # softmax scale x m^2, m = 0.1 * 0.8 * ln 4 + 1
         assert layer.self_attn.scaling == pytest.approx(cfg.softmax_scale)
-    assert cfg.softmax_scale == pytest.approx(24 ** -0.5 * (0.08 * torch.log(torch.tensor(4.0)).item() + 1) ** 2)
+    m = 0.1 * 0.8 * math.log(4.0) + 1
+    assert cfg.softmax_scale == pytest.approx(24 ** -0.5 * m * m)
 
 
 def test_half_split_rope_layout_needs_the_row_permutation():
@@ -165,7 +178,7 @@ def test_save_pretrained_v2_and_tied(tmp_path):
     for name in ("v2-softmax-groups", "dense-tied"):
         ours = random_model(CONFIGS[name])
         folder = hf.save_pretrained(ours, tmp_path / name)
-        cls = transformers.DeepseekV2ForCausalLM if name.startswith("v2") else transformers.DeepseekV3ForCausalLM
+        cls = hf_class(name)
         assert max_diff(ours, cls.from_pretrained(folder), tokens(CONFIGS[name])) < ATOL
         back = hf.load_pretrained(folder)
         assert all(torch.equal(v, back.state_dict()[k]) for k, v in ours.state_dict().items())
@@ -193,9 +206,10 @@ def test_mtp_names_round_trip_and_transformers_ignores_them(tmp_path):
     full = {**ours.state_dict(), **mtp}
     L = cfg.n_layers
     names = hf.to_hf_state_dict(full, cfg)
-    for key in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
-                "embed_tokens.weight", "self_attn.kv_a_proj_with_mqa.weight", "mlp.gate.e_score_correction_bias",
-                "mlp.experts.7.down_proj.weight", "mlp.shared_experts.up_proj.weight", "input_layernorm.weight"):
+    for key in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_a_proj_with_mqa.weight",
+                "mlp.gate.e_score_correction_bias", "mlp.experts.7.down_proj.weight",
+                "mlp.shared_experts.up_proj.weight", "input_layernorm.weight"):
         assert f"model.layers.{L}.{key}" in names, key
     assert names[f"model.layers.{L}.eh_proj.weight"].shape == (cfg.dim, 2 * cfg.dim)
     assert torch.equal(names[f"model.layers.{L}.shared_head.head.weight"], ours.head.weight)
@@ -232,7 +246,8 @@ def test_mtp_copy_that_differs_is_rejected():
     (dict(score_func="softmax", group_score="max", norm_topk_prob=True), "never normalises"),
     (dict(score_func="softmax", group_score="top2_sum", norm_topk_prob=False), "by its max"),
     (dict(norm_eps=1e-5), "norm_eps"),
-    (dict(n_routed_experts=4, n_activated_experts=1, n_expert_groups=4, n_limited_groups=1, group_score="max"),
+    (dict(n_routed_experts=4, n_activated_experts=1, n_expert_groups=4, n_limited_groups=1,
+          group_score="max"),
      "< 2"),
 ])
 def test_inexpressible_configs_raise(changes, match):
@@ -263,7 +278,8 @@ def test_config_inverse_rejects_what_we_cannot_compute():
 
 def test_real_configs_map_to_released_field_values():
     v3 = hf.hf_config(get_preset("deepseek-v3"))
-    assert (v3.hidden_size, v3.num_hidden_layers, v3.first_k_dense_replace, v3.n_group, v3.topk_group) == (7168, 61, 3, 8, 4)
+    shape = (v3.hidden_size, v3.num_hidden_layers, v3.first_k_dense_replace, v3.n_group, v3.topk_group)
+    assert shape == (7168, 61, 3, 8, 4)
     assert (v3.routed_scaling_factor, v3.num_nextn_predict_layers, v3.q_lora_rank) == (2.5, 1, 1536)
     v2_lite = hf.hf_config(get_preset("deepseek-v2-lite"))
     assert type(v2_lite).__name__ == "DeepseekV2Config" and v2_lite.q_lora_rank is None
