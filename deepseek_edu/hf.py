@@ -106,6 +106,14 @@ NAME_TABLE: list[tuple[str, str, str, str | None]] = [
     ("mtp", "eh_proj.weight", "eh_proj.weight", None),  # (D, 2D), input [enorm(emb); hnorm(h)]
     ("mtp", "norm.weight", "shared_head.norm.weight", None),
 ]
+# config.json fields that fix the weights' shapes and the function (checked against deepseek_edu.json).
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
+                "num_experts_per_tok", "first_k_dense_replace", "n_group", "topk_group",
+                "routed_scaling_factor", "norm_topk_prob", "tie_word_embeddings", "max_position_embeddings",
+                "rope_parameters", "rope_scaling", "rms_norm_eps", "rope_interleave",
+                "num_nextn_predict_layers")
 # Copies of shared tensors that DeepSeek's checkpoints repeat in every MTP layer (written, checked on read).
 MTP_SHARED_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 
@@ -624,12 +632,13 @@ def read_pretrained(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]
     """Our config and state dict (our names, `mtp.*` included) from a `save_pretrained` folder.
 
     Reads folders written by `save_pretrained` above or by transformers' own `save_pretrained`
-    (unsharded or sharded safetensors). The config comes from deepseek_edu.json when present, else
-    from config.json via `config_from_hf`.
+    (unsharded or sharded safetensors). The config comes from deepseek_edu.json when present (checked
+    against config.json, which someone may have edited), else from config.json via `config_from_hf`.
 
     Raises:
         FileNotFoundError: if config.json or the safetensors weights are missing (no pickle fallback).
-        ValueError: as `config_from_hf` / `from_hf_state_dict`.
+        ValueError: as `config_from_hf` / `from_hf_state_dict`, or if deepseek_edu.json and config.json
+            describe different shapes.
     """
     import safetensors.torch
 
@@ -645,6 +654,11 @@ def read_pretrained(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]
     hf = config_cls.from_pretrained(folder)
     if (folder / OURS_NAME).is_file():
         cfg = ModelConfig.from_dict(json.loads((folder / OURS_NAME).read_text(encoding="utf-8")))
+        ours, theirs = hf_config(cfg).to_dict(), hf.to_dict()
+        differ = [k for k in SHAPE_FIELDS if ours.get(k) != theirs.get(k)]
+        if differ:
+            raise ValueError(f"{folder}: {OURS_NAME} and {CONFIG_NAME} disagree on "
+                             + ", ".join(f"{k} ({ours.get(k)} vs {theirs.get(k)})" for k in differ))
     else:
         cfg = config_from_hf(hf)
     if (folder / WEIGHTS_NAME).is_file():
@@ -664,8 +678,13 @@ def read_pretrained(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]
     return cfg, state
 
 
-def load_pretrained(folder: str | Path) -> Transformer:
+def load_pretrained(folder: str | Path, mtp: bool = True) -> Transformer:
     """Our `Transformer` from a `save_pretrained` folder (ours or transformers').
+
+    Args:
+        folder: the folder.
+        mtp: False loads the main model only: n_mtp_depth is set to 0 and MTP weights are skipped
+            (e.g. a folder written by transformers, which keeps no MTP weights, of an MTP config).
 
     Returns:
         `Transformer` in eval mode, fp32, every key loaded strictly.
@@ -674,6 +693,9 @@ def load_pretrained(folder: str | Path) -> Transformer:
             weights that this `Transformer` has no modules for, or lacks weights it needs.
     """
     cfg, state = read_pretrained(folder)
+    if not mtp:
+        cfg = cfg.replace(n_mtp_depth=0)
+        state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
     model = Transformer(cfg)
     wanted = model.state_dict()
     missing = sorted(k for k in wanted if k not in state and not k.endswith("ffn.gate.bias"))

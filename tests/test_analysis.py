@@ -252,6 +252,16 @@ def test_mtp_module_hand_computed_and_range():
         mtp_module_params(cfg, 1)
 
 
+def test_mtp_count_equals_the_real_modules():
+    cfg = get_preset("tiny")  # one MTP module
+    model = Transformer(cfg)
+    if not hasattr(model, "mtp"):
+        pytest.skip("Transformer has no MTP modules on this branch yet")
+    pc = count_params(cfg)
+    assert sum(p.numel() for p in model.mtp.parameters()) == pc.mtp_total
+    assert model.num_parameters() == pc.total + pc.mtp_total  # embedding and head shared, counted once
+
+
 def test_training_flops_per_token_at_4k():
     # forward: 2 · activated non-embedding params + attention over (4096 + 1) / 2 keys on average; training 3x
     v3 = count_params(get_preset("deepseek-v3"))

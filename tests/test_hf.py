@@ -174,6 +174,15 @@ def test_save_pretrained_load_pretrained_and_transformers_reads_it(tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
+def test_edited_config_json_is_caught(tmp_path):
+    folder = hf.save_pretrained(random_model(CONFIGS["tiny-groups"]), tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    config["routed_scaling_factor"] = 2.5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        hf.load_pretrained(folder)
+
+
 def test_save_pretrained_v2_and_tied(tmp_path):
     for name in ("v2-softmax-groups", "dense-tied"):
         ours = random_model(CONFIGS[name])
@@ -223,6 +232,9 @@ def test_mtp_names_round_trip_and_transformers_ignores_them(tmp_path):
     theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(folder)  # extra layer L: ignored, no error
     assert len(theirs.model.layers) == L
     assert max_diff(ours, theirs, tokens(cfg)) < ATOL
+    main_only = hf.load_pretrained(folder, mtp=False)  # the main model, MTP weights skipped
+    assert main_only.cfg.n_mtp_depth == 0
+    assert all(torch.equal(v, main_only.state_dict()[k]) for k, v in ours.state_dict().items())
     if not hasattr(Transformer(cfg), "mtp"):  # MTP modules not merged yet: a clear error, not a silent drop
         with pytest.raises(ValueError, match="MTP"):
             hf.load_pretrained(folder)
