@@ -28,8 +28,9 @@ is exactly V2's 2 · n_h · d_h. Pass `head_dim` to use one explicit width for k
 the attention, a dense FFN or DeepSeekMoE), the final norm, the output head V·D (absent when tied).
 *Activated* parameters are those one token's forward pass multiplies with: everything except the
 routed experts it is not sent to (the gate, the shared experts and K of the E routed experts count).
-Following the V3 report's convention, the headline numbers include the embedding and the head
-(V3: 671.03B total, 37.55B activated; 36.63B activated without the input embedding). The MTP
+`total` and `activated` include the embedding and the head (V3: 671.03B total, 37.55B activated);
+the papers' activated figures -- V3 37B, V2 21B, V2-Lite 2.4B -- match the count without the input
+embedding, `activated_non_embedding` (36.63B, 20.85B, 2.45B; with it V2-Lite would be 2.66B). The MTP
 modules (V3 §2.2) are reported separately: they share the embedding and the head with the main
 model, and the V3 paper's 671B excludes its one module (about 11.6B; the 685B on the hub counts it
 with its copies of embedding and head).
@@ -322,7 +323,7 @@ class ParamCount:
     Attributes:
         total: every parameter of the main model, embedding and head included (a tied head once);
             equals `Transformer(cfg).num_parameters()` without MTP modules.
-        activated: parameters one token uses, embedding and head included (V3 convention: 37.55B).
+        activated: parameters one token uses, embedding and head included (V3: 37.55B).
         embedding: the input embedding, V·D.
         head: the output head, V·D (0 when tied to the embedding).
         mtp_total, mtp_activated: all MTP modules together, embedding and head not repeated.
@@ -344,7 +345,10 @@ class ParamCount:
 
     @property
     def activated_non_embedding(self) -> int:
-        """Activated parameters without the input embedding (V3: 36.63B): the matmul weights of a token."""
+        """Activated parameters without the input embedding: the matmul weights of a token.
+
+        The papers' activated counts: V3 36.63B ("37B"), V2 20.85B ("21B"), V2-Lite 2.45B ("2.4B").
+        """
         return self.activated - self.embedding
 
     @property

@@ -194,12 +194,16 @@ def test_v3_total_and_activated_parameters():
 def test_v2_total_and_activated_parameters():
     pc = count_params(get_preset("deepseek-v2"))
     assert round(pc.total / 1e9, 2) == 235.74  # V2: 236B total
-    assert round(pc.activated / 1e9, 2) == 21.38  # 21B activated
+    assert round(pc.activated / 1e9, 2) == 21.38  # 21B activated (20.85B without the input embedding)
+    assert round(pc.activated_non_embedding / 1e9, 2) == 20.85
     assert pc.mtp_total == 0
 
 
 def test_v2_lite_total_parameters():
-    assert round(count_params(get_preset("deepseek-v2-lite")).total / 1e9, 1) == 15.7
+    pc = count_params(get_preset("deepseek-v2-lite"))
+    assert round(pc.total / 1e9, 1) == 15.7
+    # V2 App. B: 2.4B activated -- the count without the input embedding (2.45B), not with it (2.66B)
+    assert round(pc.activated_non_embedding / 1e9, 2) == 2.45 and round(pc.activated / 1e9, 2) == 2.66
 
 
 @pytest.mark.parametrize("name", ["tiny", "dense-tiny", "baseline", "moe-tiny"])
