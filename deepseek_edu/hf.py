@@ -536,7 +536,7 @@ def to_hf(model: Transformer, rope_interleave: bool = True):
         rope_interleave: V3 only; False stores the rotary rows in transformers' half-split layout.
     Returns:
         `DeepseekV3ForCausalLM` (sigmoid gate or dense) or `DeepseekV2ForCausalLM` (softmax gate),
-        in eval mode, in the dtype of `model.embed.weight`.
+        in eval mode, in the dtype of `model.embed.weight` except the routers (fp32, weight and bias).
     Raises:
         ValueError: if transformers cannot express the config (`unsupported_reasons`), or a softmax
             gate carries a nonzero selection bias (V2 has none).
@@ -559,7 +559,13 @@ def to_hf(model: Transformer, rope_interleave: bool = True):
         if key not in state and value.numel() == 0:
             state[key] = value
     hf.load_state_dict(state, strict=True)
-    return hf.to(model.embed.weight.dtype).eval()
+    # Routers stay fp32, as ours (a bf16 bias loses 1e-3 steps): keep their fp32 tensors across the cast.
+    routers = {n: (m, {k: v.clone() for k, v in m.state_dict().items()})
+               for n, m in hf.named_modules() if n.endswith("mlp.gate")}
+    hf.to(model.embed.weight.dtype)
+    for module, fp32 in routers.values():
+        module.float().load_state_dict(fp32)
+    return hf.eval()
 
 
 def from_hf(hf_model, **training_fields: Any) -> Transformer:

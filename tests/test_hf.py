@@ -101,6 +101,15 @@ def test_logits_agree_and_round_trip(name):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_bf16_model_keeps_fp32_routers():
+    ours = random_model(CONFIGS["tiny-groups"]).to(torch.bfloat16)
+    theirs = hf.to_hf(ours)
+    gate = theirs.model.layers[1].mlp.gate
+    assert theirs.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, ours.layers[1].ffn.gate.bias)
+
+
 def test_routing_depends_on_the_selection_bias():
     cfg = CONFIGS["tiny-groups"]
     ours = random_model(cfg)
