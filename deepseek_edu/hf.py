@@ -575,15 +575,18 @@ def from_hf(hf_model, **training_fields: Any) -> Transformer:
         hf_model: `DeepseekV3ForCausalLM` or `DeepseekV2ForCausalLM`.
         training_fields: passed to `config_from_hf`.
     Returns:
-        `Transformer` in eval mode, fp32 (its default dtype).
+        `Transformer` in eval mode, fp32 (its default dtype). When the transformers model holds no
+        MTP weights (it builds no MTP layer, whatever num_nextn_predict_layers says), n_mtp_depth is 0.
     Raises:
         ValueError: as `config_from_hf`.
     """
     cfg = config_from_hf(hf_model.config, **training_fields)
     interleave = bool(getattr(hf_model.config, "rope_interleave", True))
     state = {k: v for k, v in hf_model.state_dict().items() if v.numel() > 0 or "shared_experts" not in k}
-    model = Transformer(cfg)
     ours = from_hf_state_dict(state, cfg, rope_interleave=interleave)
+    if not any(k.startswith("mtp.") for k in ours):
+        cfg = cfg.replace(n_mtp_depth=0)
+    model = Transformer(cfg)
     if cfg.uses_moe and hf_kind(cfg) == "v2":  # V2 has no selection bias: ours stays zero
         ours.update({k: v for k, v in model.state_dict().items() if k.endswith("ffn.gate.bias")})
     model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)

@@ -152,6 +152,16 @@ def test_half_split_rope_layout_needs_the_row_permutation():
     assert max_diff(ours, unpermuted, x) > 1e-3
 
 
+def test_from_hf_of_an_mtp_config_holds_the_main_model():
+    ours = random_model(CONFIGS["tiny-groups"].replace(n_mtp_depth=1))
+    theirs = hf.to_hf(ours)
+    assert theirs.config.num_nextn_predict_layers == 1  # the config says so, but no MTP weights exist
+    back = hf.from_hf(theirs)
+    assert back.cfg.n_mtp_depth == 0
+    main = {k: v for k, v in ours.state_dict().items() if not k.startswith("mtp.")}
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in main.items())
+
+
 def test_greedy_generate_matches_transformers():
     cfg = CONFIGS["tiny-groups"]
     ours = random_model(cfg, std=0.2)
