@@ -91,7 +91,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         params = {"total": trainer.model.num_parameters(), "activated": activated_parameters(trainer.model)}
     hist = result.history
     last = hist[-max(1, args.steps // 10):]
-    mtp_keys = sorted({k for r in hist for k in r if k.startswith("mtp")})
+    mtp_keys = sorted({k for r in hist for k in r if k.startswith("mtp_ce")})
     chars_per_token = result.val_chars_per_token
     return {
         "arm": arm, "preset": ARMS[arm], "seed": seed, "steps": result.step, "seconds": round(seconds, 2),

@@ -211,7 +211,7 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtyp
             out = forward(x)  # logits (B, S, V) fp32
         # train.lm_loss's total without its .item() calls (a host sync per step): CE + aux + MTP terms
         loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss.float()
-        for term in extra_loss_terms(out, y).values():
+        for term in extra_loss_terms(out, y, model.cfg.mtp_loss_weight).values():
             loss = loss + term
         opt.zero_grad(set_to_none=True)
         loss.backward()
