@@ -10,6 +10,8 @@ For each expert layout below, in the same run and on the same input:
   where available (CUDA bf16 on Hopper; CPU), the per-expert loop elsewhere;
 - **moe-loop**: the same layer with `dispatch_impl="loop"` (one GEMM launch per expert and matrix,
   and a host sync for the block sizes);
+- with `--compile`: **dense-compile** and **moe-compile**, both layers under `torch.compile` (default
+  mode; the grouped path has no host synchronisation, so the whole layer is one graph);
 - **moe-v0**: the same layer with the first `dispatch` of the package (commit 244e9d6: per-expert
   slices of the sorted tokens and an `index_add_` of weighted outputs into y), kept here as
   `dispatch_v0` to show what the current one changed.
@@ -256,10 +258,21 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
                          "dense": sum(p.numel() for p in dense.parameters())},
         "tokens": tokens, "moe_dispatch_impl": moe._resolve_impl(x, None), "rel_diff_moe_vs_v0": rel, "variants": {},
     }
+    if args.compile and full and name == ACCEPTANCE_LAYOUT:  # torch.compile of both layers (default mode)
+        cdense, cmoe = torch.compile(dense), torch.compile(moe)
+        variants["dense-compile"] = (lambda: cdense(x), [x, *dense.parameters()])
+        variants["moe-compile"] = (lambda: cmoe(x).y, [x, *moe.parameters()])
     flops = 6 * 3 * cfg.dim * cfg.inter_dim * tokens  # fwd 2, bwd 4 FLOPs per weight per token; 3 matrices
-    for vname, (fn, params) in variants.items():
+    for vname, (fn, params) in list(variants.items()):
         print(f"[{name}] {vname} ...", flush=True)
-        t = time_repeats(fwd_bwd(fn, grad, list(params)), device, repeats=args.repeats, warmup=args.warmup)
+        try:
+            t = time_repeats(fwd_bwd(fn, grad, list(params)), device, repeats=args.repeats, warmup=args.warmup)
+        except Exception as exc:  # noqa: BLE001 -- a compile failure is recorded, an eager one re-raised
+            if not vname.endswith("-compile"):
+                raise
+            result.setdefault("errors", {})[vname] = f"{type(exc).__name__}: {exc}"[:2000]
+            del variants[vname]
+            continue
         v = {"tokens_per_s": rate(tokens, t, "tokens/s (forward + backward)"), "step_s": summarize(t.samples_s, "s"),
              "warmup_s": t.warmup_s,
              "matmul_flops_per_s": summarize([flops / s for s in t.samples_s], "FLOP/s (expert/dense matmuls only)")}
@@ -267,6 +280,9 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
             v["tokens_per_cpu_s"] = rate_per_cpu_second(tokens, t, "tokens")
         result["variants"][vname] = v
     med = {k: v["tokens_per_s"]["median"] for k, v in result["variants"].items()}
+    if "moe-compile" in med and "dense-compile" in med:
+        result["ratios_compiled"] = {"moe-compile / dense-compile": med["moe-compile"] / med["dense-compile"],
+                                     "moe-compile / moe": med["moe-compile"] / med["moe"]}
     result["ratios"] = {"moe / dense": med["moe"] / med["dense"], "moe-loop / dense": med["moe-loop"] / med["dense"],
                         "moe-v0 / dense": med["moe-v0"] / med["dense"], "moe / moe-loop": med["moe"] / med["moe-loop"],
                         "moe / moe-v0": med["moe"] / med["moe-v0"]}
@@ -326,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--layouts", default="all", help="comma-separated indices into LAYOUTS (0, 1, 2) or 'all'")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default; 1 on a shared machine)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd dense and MoE layers (the first layout, with its breakdown)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: the smoke test")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -405,6 +423,10 @@ def print_table(payload: dict[str, Any]) -> None:
         share = r["breakdown"]["stage_share_of_moe_step"]
         print("   breakdown of the moe step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items())
               + f", unattributed {100 * r['breakdown']['unattributed_share']:.0f}%")
+        if "ratios_compiled" in r:
+            print(f"   compiled: moe/dense {r['ratios_compiled']['moe-compile / dense-compile']:.2f}")
+        for vname, err in r.get("errors", {}).items():
+            print(f"   {vname} failed: {err[:200]}")
     for key, r in payload.get("token_scaling", {}).items():
         print(f"{key}: moe/dense {r['ratios']['moe / dense']:.2f}, loop/dense {r['ratios']['moe-loop / dense']:.2f}, "
               f"v0/dense {r['ratios']['moe-v0 / dense']:.2f}")

@@ -201,16 +201,14 @@ class MoEOutput:
 
 
 def _sum_slots(v: Tensor) -> Tensor:
-    """(N, K, D) -> (N, D): each token's K slots added one after another in v's dtype.
+    """(N, K, D) -> (N, D): each token's K slots summed.
 
-    The order DeepSeek's reference accumulates them (`y[idx] += ...`, slot by slot). K - 1 elementwise
-    adds over strided views run several times faster on a GPU than a reduction over a middle axis of
-    size K, and for K = 2 the result is the exactly rounded sum.
+    For K = 2 one elementwise add of two strided views (the exactly rounded sum), which runs several
+    times faster on a GPU than a reduction over a middle axis of size 2; for larger K the reduction.
     """
-    out = v[:, 0] if v.shape[1] == 1 else v[:, 0] + v[:, 1]
-    for k in range(2, v.shape[1]):
-        out = out + v[:, k]
-    return out
+    if v.shape[1] > 2:  # a chain of K - 1 passes costs more than one reduction from K = 3 on
+        return v.sum(dim=1)
+    return v[:, 0] if v.shape[1] == 1 else v[:, 0] + v[:, 1]
 
 
 class _GatherPairs(torch.autograd.Function):
@@ -248,6 +246,13 @@ class _Permute(torch.autograd.Function):
 
 
 DISPATCH_IMPLS = ("auto", "grouped", "loop")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype inside an autocast region, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
@@ -305,28 +310,29 @@ class MoE(nn.Module):
         if impl not in DISPATCH_IMPLS:
             raise ValueError(f"dispatch impl {impl!r} must be one of {DISPATCH_IMPLS}")
         widths = (x.shape[-1], self.experts[0].w1.out_features)
+        dtype = _compute_dtype(x)
         if impl == "auto":
-            return "grouped" if grouped_mm_available(x.device, x.dtype, *widths) else "loop"
-        if impl == "grouped" and not grouped_mm_available(x.device, x.dtype, *widths):
-            raise ValueError(f"dispatch impl 'grouped' needs torch._grouped_mm for {x.device.type} {x.dtype} "
+            return "grouped" if grouped_mm_available(x.device, dtype, *widths) else "loop"
+        if impl == "grouped" and not grouped_mm_available(x.device, dtype, *widths):
+            raise ValueError(f"dispatch impl 'grouped' needs torch._grouped_mm for {x.device.type} {dtype} "
                              f"with dim and moe_inter_dim {widths} multiples of 16 bytes; use 'loop'")
         return impl
 
     def _experts_grouped(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
         """All experts at once: x_sorted (N*K, D) in expert blocks of sizes counts (E,) -> (N*K, D), weighted.
 
-        The experts' matrices are stacked (E, m, D) for the call (a copy per forward; the parameters
-        stay one `Expert` module each, under DeepSeek's names). The combine weight multiplies the
+        The experts' matrices are stacked for the call, w1 and w3 side by side as one (E, 2m, D) so one
+        grouped GEMM makes both (a copy per forward; the parameters stay one `Expert` module each,
+        under DeepSeek's names). Under autocast it computes in the autocast dtype, as `nn.Linear` does. The combine weight multiplies the
         (N*K, m) hidden activation before w2, which equals weighting the output (w2 is linear) and
         touches m instead of D values per row.
         """
+        dtype = _compute_dtype(x_sorted)  # under autocast: its dtype, as nn.Linear would compute
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block, on the device
-        w1 = torch.stack([e.w1.weight for e in self.experts])  # (E, m, D)
-        w3 = torch.stack([e.w3.weight for e in self.experts])  # (E, m, D)
-        w2 = torch.stack([e.w2.weight for e in self.experts])  # (E, D, m)
-        a = torch._grouped_mm(x_sorted, w1.transpose(1, 2), offs=offs)  # (N*K, m)
-        b = torch._grouped_mm(x_sorted, w3.transpose(1, 2), offs=offs)  # (N*K, m)
-        h = F.silu(a) * b * w_sorted.unsqueeze(-1)  # (N*K, m)
+        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts]).to(dtype)  # (E, 2m, D)
+        w2 = torch.stack([e.w2.weight for e in self.experts]).to(dtype)  # (E, D, m)
+        a, b = torch._grouped_mm(x_sorted.to(dtype), w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (N*K, m) x 2
+        h = F.silu(a) * b * w_sorted.to(dtype).unsqueeze(-1)  # (N*K, m)
         return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (N*K, D)
 
     def _experts_loop(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:

@@ -467,6 +467,20 @@ def test_grouped_dispatch_equals_loop_forward_and_gradients(dtype):
         _close(grads[1][name].float() / scale, ref.float() / scale, tol, f"gradient of {name}:")
 
 
+def test_grouped_dispatch_under_autocast_matches_loop():
+    # fp32 master weights, a bf16 autocast region, an input that is bf16 already (as inside an MTP
+    # block) or fp32 (as in the main blocks): the grouped GEMM casts like nn.Linear does.
+    cfg = _cfg(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
+    moe = _moe(cfg).train()
+    for x in (torch.randn(2, 9, cfg.dim), torch.randn(2, 9, cfg.dim).bfloat16()):
+        outs = []
+        for impl in ("loop", "grouped"):
+            moe.dispatch_impl = impl
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(moe(x).y.float())
+        _close(outs[1], outs[0], dict(atol=3e-2, rtol=3e-2), f"autocast, input {x.dtype}:")
+
+
 def test_dispatch_is_bitwise_repeatable_and_rejects_unknown_impl():
     cfg = _cfg(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=4)
     moe = _moe(cfg).to(torch.bfloat16).train()
