@@ -327,8 +327,8 @@ def test_trained_drafts_are_sometimes_right_and_sometimes_wrong(trained):
         out = speculative_generate(model, _prompt(stream, p), 40, n_draft=2)
         acc = [a + b for a, b in zip(acc, out.accepted)]
         dra = [a + b for a, b in zip(dra, out.drafted)]
-    rates = [a / d for a, d in zip(acc, dra)]
-    assert all(0.2 < r < 0.98 for r in rates), rates
+    # both outcomes at both depths, several times each: acceptance and rollback were both exercised
+    assert all(5 <= a <= d - 5 for a, d in zip(acc, dra)), (acc, dra)
 
 
 @pytest.mark.parametrize("n_draft", [1, 2, 5])
