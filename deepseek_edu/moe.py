@@ -105,7 +105,9 @@ class Gate(nn.Module):
         indices = biased.topk(self.topk, dim=-1).indices  # (N, K)
         weights = scores.gather(1, indices)  # (N, K) from the UNBIASED scores
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            # + 1e-20: sigmoid scores underflow to 0 for logits below about -104 (fp32); without it the
+            # chosen weights of such a token would be 0 / 0 = NaN (transformers' DeepseekV3 does the same)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale  # exactly once
         return Routing(weights=weights, indices=indices, scores=scores)
 
@@ -198,6 +200,74 @@ class MoEOutput:
     load: Tensor
 
 
+def _sum_slots(v: Tensor) -> Tensor:
+    """(N, K, D) -> (N, D): each token's K slots added one after another in v's dtype.
+
+    The order DeepSeek's reference accumulates them (`y[idx] += ...`, slot by slot). K - 1 elementwise
+    adds over strided views run several times faster on a GPU than a reduction over a middle axis of
+    size K, and for K = 2 the result is the exactly rounded sum.
+    """
+    out = v[:, 0] if v.shape[1] == 1 else v[:, 0] + v[:, 1]
+    for k in range(2, v.shape[1]):
+        out = out + v[:, k]
+    return out
+
+
+class _GatherPairs(torch.autograd.Function):
+    """x (N, D) -> (N*K, D) in expert order: row j is token order[j] // K (pair p = token * K + slot).
+
+    Backward brings the rows back to pair order with a gather by `position` (the inverse of `order`)
+    and sums each token's K slots: no atomic adds, the same bits on every run.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, position: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(position)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (position,) = ctx.saved_tensors
+        n_pairs, d = grad.shape
+        return _sum_slots(grad.index_select(0, position).view(n_pairs // ctx.k, ctx.k, d)), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """rows[perm]: a permutation of rows whose backward is the inverse permutation (a gather, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+DISPATCH_IMPLS = ("auto", "grouped", "loop")
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
+    """Whether `torch._grouped_mm` (one launch for all experts' GEMMs) serves this device and dtype.
+
+    CPU: fp32 or bf16 (torch's reference implementation). CUDA: bf16 on compute capability >= 9.0
+    (Hopper's grouped GEMM kernel). Every matrix width in `widths` (here dim and moe_inter_dim) must
+    be a multiple of 16 bytes, which the kernels require of the strides. Elsewhere the loop is used.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(w * itemsize % 16 for w in widths):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    return (device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 class MoE(nn.Module):
     """Shared experts + routed experts with grouped dispatch.
 
@@ -206,6 +276,11 @@ class MoE(nn.Module):
     Modules: `gate` (Gate), `experts` (E routed `Expert`s of width moe_inter_dim),
     `shared_experts` (one `Expert` of width n_shared_experts * moe_inter_dim, as DeepSeek stores it:
     k shared experts of width m are one SwiGLU of width k * m), absent when n_shared_experts == 0.
+
+    Attribute `dispatch_impl`: "loop" calls each `Expert` module on its block of tokens (one GEMM
+    launch per expert and matrix, and a host sync for the block sizes); "grouped" runs all experts'
+    GEMMs as one `torch._grouped_mm` per matrix, with the block sizes kept on the device; "auto"
+    (default) picks "grouped" where `grouped_mm_available`, else "loop". Both give the same output.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -215,6 +290,7 @@ class MoE(nn.Module):
         self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
         self.bias_update_speed = cfg.bias_update_speed
         self.seq_aux_loss_alpha, self.expert_aux_loss_alpha = cfg.seq_aux_loss_alpha, cfg.expert_aux_loss_alpha
+        self.dispatch_impl = "auto"
         self.gate = Gate(cfg)
         self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
         self.shared_experts = (Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
@@ -224,44 +300,81 @@ class MoE(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
                              persistent=False)
 
-    def dispatch(self, x: Tensor, routing: Routing) -> Tensor:
+    def _resolve_impl(self, x: Tensor, impl: str | None) -> str:
+        impl = self.dispatch_impl if impl is None else impl
+        if impl not in DISPATCH_IMPLS:
+            raise ValueError(f"dispatch impl {impl!r} must be one of {DISPATCH_IMPLS}")
+        widths = (x.shape[-1], self.experts[0].w1.out_features)
+        if impl == "auto":
+            return "grouped" if grouped_mm_available(x.device, x.dtype, *widths) else "loop"
+        if impl == "grouped" and not grouped_mm_available(x.device, x.dtype, *widths):
+            raise ValueError(f"dispatch impl 'grouped' needs torch._grouped_mm for {x.device.type} {x.dtype} "
+                             f"with dim and moe_inter_dim {widths} multiples of 16 bytes; use 'loop'")
+        return impl
+
+    def _experts_grouped(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
+        """All experts at once: x_sorted (N*K, D) in expert blocks of sizes counts (E,) -> (N*K, D), weighted.
+
+        The experts' matrices are stacked (E, m, D) for the call (a copy per forward; the parameters
+        stay one `Expert` module each, under DeepSeek's names). The combine weight multiplies the
+        (N*K, m) hidden activation before w2, which equals weighting the output (w2 is linear) and
+        touches m instead of D values per row.
+        """
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block, on the device
+        w1 = torch.stack([e.w1.weight for e in self.experts])  # (E, m, D)
+        w3 = torch.stack([e.w3.weight for e in self.experts])  # (E, m, D)
+        w2 = torch.stack([e.w2.weight for e in self.experts])  # (E, D, m)
+        a = torch._grouped_mm(x_sorted, w1.transpose(1, 2), offs=offs)  # (N*K, m)
+        b = torch._grouped_mm(x_sorted, w3.transpose(1, 2), offs=offs)  # (N*K, m)
+        h = F.silu(a) * b * w_sorted.unsqueeze(-1)  # (N*K, m)
+        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (N*K, D)
+
+    def _experts_loop(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
+        """Each `Expert` module once on its contiguous block (x_sorted.split(counts)), then weighted."""
+        sizes = counts.tolist()  # host sync: the per-expert GEMM shapes need the block sizes
+        outs = [self.experts[e](block) for e, block in enumerate(x_sorted.split(sizes)) if sizes[e]]
+        return torch.cat(outs) * w_sorted.unsqueeze(-1)  # (N*K, D)
+
+    def dispatch(self, x: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
         """Run each expert once on the tokens routed to it and combine with the weights.
 
-        x (N, D), routing weights/indices (N, K) -> (N, D), in x's dtype.
+        x (N, D), routing weights/indices (N, K) -> (y (N, D) in x's dtype, counts (E,) int64 tokens
+        per expert). `impl`: "auto" | "grouped" | "loop" (None = `self.dispatch_impl`).
 
         How (benchmarks/moe_layer.py measures each choice): the N*K (token, slot) pairs are sorted by
-        expert, so each expert runs one GEMM on one contiguous block, cut with `split` (its backward is
-        one concatenation; E slices would each give back a zero-filled gradient of all N*K rows).
-        Tokens move to and from that order by permutations written as `index_copy` (a scatter without
-        atomics whose backward is a gather), never by `index_add_`: no atomic adds in bf16, and the
-        same result on every run. The K slots are weighted and summed in fp32. One host sync remains:
-        the tokens per expert, which the per-expert GEMM shapes need.
+        expert, so every expert's tokens form one contiguous block; the experts run on their blocks
+        (one grouped GEMM, or a loop of per-expert GEMMs); rows go back to (token, slot) order and
+        each token sums its K slots. Rows move by permutations whose backward is the inverse
+        permutation (`_GatherPairs`, `_Permute`), never by `index_add_`: no atomic adds in bf16 and
+        the same result on every run. The weights are cast to x's dtype before they multiply, as in
+        DeepSeek's reference (`weights.type_as(x)`).
+        Raises:
+            ValueError: for an unknown impl.
         """
+        impl = self._resolve_impl(x, impl)
         N, K = routing.indices.shape
-        D = x.shape[-1]
         flat_experts = routing.indices.flatten()  # (N*K,) expert of each (token, slot) pair
         order = flat_experts.argsort(stable=True)  # (N*K,) sorted position -> pair
-        counts = torch.bincount(flat_experts, minlength=self.n_experts).tolist()  # tokens per expert (host sync)
         position = torch.empty_like(order).index_copy_(  # (N*K,) pair -> sorted position (inverse of order)
             0, order, torch.arange(N * K, device=order.device))
-        x_pairs = x.unsqueeze(1).expand(N, K, D).reshape(N * K, D)  # (N*K, D); backward: sum over the K copies
-        x_sorted = torch.empty_like(x_pairs).index_copy_(0, position, x_pairs)  # (N*K, D) expert after expert
-        outs = [self.experts[e](block) for e, block in enumerate(x_sorted.split(counts)) if counts[e]]
-        out_sorted = torch.cat(outs)  # (N*K, D), in x_sorted's order
-        out_pairs = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)  # (N*K, D), pair order
-        y = (out_pairs.view(N, K, D) * routing.weights.unsqueeze(-1)).sum(dim=1)  # (N, D) fp32 (weights are)
-        return y.to(x.dtype)
+        counts = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,) tokens per expert
+        x_sorted = _GatherPairs.apply(x, order, position, K)  # (N*K, D) expert after expert
+        w_sorted = _Permute.apply(routing.weights.flatten().to(x.dtype), order, position)  # (N*K,)
+        run = self._experts_grouped if impl == "grouped" else self._experts_loop
+        out_sorted = run(x_sorted, counts, w_sorted)  # (N*K, D), weighted, in x_sorted's order
+        y = _sum_slots(_Permute.apply(out_sorted, position, order).view(N, K, -1))  # (N, D)
+        return y, counts
 
     def forward(self, x: Tensor) -> MoEOutput:
         B, S, D = x.shape
         flat = x.reshape(B * S, D)  # (N, D)
         routing = self.gate(flat)
-        y = self.dispatch(flat, routing)
+        y, counts = self.dispatch(flat, routing)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        load = torch.bincount(routing.indices.flatten(), minlength=self.n_experts).float()  # (E,)
+        load = counts.float()  # (E,)
         if self.training:
-            self.load_since_update += load.long()
+            self.load_since_update += counts
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.seq_aux_loss_alpha > 0:
             aux = aux + self.seq_aux_loss_alpha * sequence_balance_loss(

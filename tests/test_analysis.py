@@ -8,6 +8,11 @@ groups); the ordering MHA > GQA > MQA and MQA < MLA < GQA(8) < MHA for the DeepS
 bytes a real `new_cache` allocates equal the formula for every kind in fp32 and bf16; V2's 93.3%
 reduction versus DeepSeek 67B (bytes as deployed: 6-bit cache against BF16; 82.2% in elements);
 ValueError on a bad kind or impossible arguments.
+Parameter and FLOP accounting (`count_params`): V3's 671.03B total / 37.55B activated (36.63B without
+the embedding) and its ~11.6B MTP module, V2's 235.74B / 21.38B, exact agreement with
+`Transformer(cfg).num_parameters()` for small configs of every kind (MLA with and without query
+compression, MHA/GQA/MQA, dense and MoE, tied head), a hand-computed MoE block, and training FLOPs
+per token at 4K (3 × forward: V3 ≈ 250 GFLOPs, V2 ≈ 155 GFLOPs).
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import pytest
 import torch
 
 from deepseek_edu.analysis import (
+    count_params,
     deepseek_llm_67b_config,
     dtype_bytes,
+    flops_per_token,
     kv_cache_bytes_per_token,
     kv_cache_elements_per_token,
     kv_cache_elements_per_token_per_layer,
     kv_cache_reduction,
     kv_cache_reduction_v2_vs_67b,
     measured_cache_bytes,
+    mtp_module_params,
 )
 from deepseek_edu.config import ModelConfig, get_preset
 from deepseek_edu.model import Transformer
@@ -168,3 +176,113 @@ def test_bad_bytes_and_mla_without_nope_width():
     with pytest.raises(ValueError, match="head_dim"):
         kv_cache_elements_per_token(rope_only, "mha")
     assert kv_cache_elements_per_token(rope_only, "mha", head_dim=8) == 2 * 8 * 8 * 3
+
+
+# --- count_params -------------------------------------------------------------------------------
+
+
+def test_v3_total_and_activated_parameters():
+    pc = count_params(get_preset("deepseek-v3"))
+    assert round(pc.total / 1e9, 2) == 671.03  # V3 §4.2: 671B total
+    assert round(pc.activated / 1e9, 2) == 37.55  # 37B activated, embedding and head included
+    assert round(pc.activated_non_embedding / 1e9, 2) == 36.63
+    assert pc.embedding == pc.head == 129280 * 7168
+    assert round(pc.mtp_total / 1e9, 1) == 11.6  # the MTP module, embedding and head shared
+    assert sum(pc.parts.values()) == pc.total
+
+
+def test_v2_total_and_activated_parameters():
+    pc = count_params(get_preset("deepseek-v2"))
+    assert round(pc.total / 1e9, 2) == 235.74  # V2: 236B total
+    assert round(pc.activated / 1e9, 2) == 21.38  # 21B activated (20.85B without the input embedding)
+    assert round(pc.activated_non_embedding / 1e9, 2) == 20.85
+    assert pc.mtp_total == 0
+
+
+def test_v2_lite_total_parameters():
+    pc = count_params(get_preset("deepseek-v2-lite"))
+    assert round(pc.total / 1e9, 1) == 15.7
+    # V2 App. B: 2.4B activated -- the count without the input embedding (2.45B), not with it (2.66B)
+    assert round(pc.activated_non_embedding / 1e9, 2) == 2.45 and round(pc.activated / 1e9, 2) == 2.66
+
+
+@pytest.mark.parametrize("name", ["tiny", "dense-tiny", "baseline", "moe-tiny"])
+def test_count_equals_instantiated_model(name):
+    cfg = get_preset(name).replace(n_mtp_depth=0)  # MTP modules are counted separately (mtp_total)
+    assert count_params(cfg).total == Transformer(cfg).num_parameters()
+
+
+@pytest.mark.parametrize("changes", [
+    dict(attention="mla", q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+         kv_lora_rank=16),
+    dict(attention="gqa", n_kv_heads=2),
+    dict(attention="mqa"),
+    dict(tie_embeddings=True),
+    dict(n_routed_experts=8, n_shared_experts=0, n_activated_experts=3, moe_inter_dim=16, n_dense_layers=2),
+    dict(attention="mla", kv_lora_rank=16, n_routed_experts=4, n_shared_experts=2, n_activated_experts=1,
+         moe_inter_dim=8, n_dense_layers=0, tie_embeddings=True),
+])
+def test_count_equals_instantiated_model_variants(changes):
+    cfg = ModelConfig(**SMALL).replace(**changes)
+    assert count_params(cfg).total == Transformer(cfg).num_parameters()
+
+
+def test_hand_computed_moe_model():
+    # D=8, V=10, 2 blocks: block 0 dense (I=16), block 1 MoE: E=4 routed + 1 shared of width 4, K=2;
+    # MHA with 2 heads
+    cfg = ModelConfig(vocab_size=10, dim=8, n_layers=2, n_heads=2, inter_dim=16, max_seq_len=8,
+                      n_dense_layers=1,
+                      n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=4)
+    attn = 4 * 8 * 8  # wq, wk, wv, wo: (8, 8) each
+    norms = 2 * 8
+    expert = 3 * 8 * 4
+    dense_block = norms + attn + 3 * 8 * 16
+    moe_total = norms + attn + 4 * 8 + expert + 4 * expert
+    moe_active = norms + attn + 4 * 8 + expert + 2 * expert
+    pc = count_params(cfg)
+    assert pc.total == 10 * 8 + dense_block + moe_total + 8 + 10 * 8
+    assert pc.activated == 10 * 8 + dense_block + moe_active + 8 + 10 * 8
+    assert pc.parts["moe"] == 4 * 8 + 5 * expert
+
+
+def test_mtp_module_hand_computed_and_range():
+    cfg = get_preset("tiny")  # n_mtp_depth = 1; the MTP block is numbered after the 4 main blocks: MoE
+    D = cfg.dim
+    total, active = mtp_module_params(cfg, 0)
+    moe_block = count_params(cfg).total - count_params(cfg.replace(n_layers=3)).total  # one MoE block
+    assert total == 3 * D + 2 * D * D + moe_block
+    assert count_params(cfg).mtp_total == total and count_params(cfg).mtp_activated == active < total
+    with pytest.raises(ValueError, match="depth=1"):
+        mtp_module_params(cfg, 1)
+
+
+def test_mtp_count_equals_the_real_modules():
+    cfg = get_preset("tiny")  # one MTP module
+    model = Transformer(cfg)
+    if not hasattr(model, "mtp"):
+        pytest.skip("Transformer has no MTP modules on this branch yet")
+    pc = count_params(cfg)
+    assert sum(p.numel() for p in model.mtp.parameters()) == pc.mtp_total
+    assert model.num_parameters() == pc.total + pc.mtp_total  # embedding and head shared, counted once
+
+
+def test_training_flops_per_token_at_4k():
+    # forward: 2 · activated non-embedding params + attention over (4096 + 1) / 2 keys on average; training 3x
+    v3 = count_params(get_preset("deepseek-v3"))
+    assert v3.seq_len == 4096
+    attn = 2 * 61 * 128 * (192 + 128) * (4096 + 1) / 2
+    assert v3.forward_flops == pytest.approx(2 * v3.activated_non_embedding + attn)
+    assert round(v3.train_flops / 1e9) == 250  # ~250 GFLOPs per training token
+    assert round(count_params(get_preset("deepseek-v2")).train_flops / 1e9) == 155
+
+
+def test_flops_per_token_decode_and_errors():
+    cfg = get_preset("tiny")
+    pc = count_params(cfg)
+    assert flops_per_token(cfg, 0) == 2 * pc.activated_non_embedding
+    slope = flops_per_token(cfg, 11) - flops_per_token(cfg, 10)
+    assert slope == pytest.approx(2 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim))
+    with pytest.raises(ValueError, match="context_len"):
+        flops_per_token(cfg, -1)
+    with pytest.raises(ValueError, match="seq_len"):
+        count_params(cfg, seq_len=0)

@@ -201,3 +201,36 @@ def test_prepare_prints_a_summary(capsys):
     for needle in ["documents (train + val)", "characters", "tokens:", "train", "val", "unigram entropy",
                    "nats/token", "cached in"]:
         assert needle in out, f"{needle!r} missing from:\n{out}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--checkpoint", "x.safetensors", "--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+    (["generate", "--checkpoint", "x.safetensors", "--top-p", "0"], "0 < --top-p <= 1"),
+    (["generate", "--checkpoint", "x.safetensors", "--temperature", "nan"], "--temperature >= 0"),
+])
+def test_generate_checks_its_flags_before_loading(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_generate_on_cuda_without_a_gpu_exits_2(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "c.safetensors"), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_train_checks_sampling_flags_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Trainer, "fit", lambda self: pytest.fail("trained before checking the sampling flags"))
+    assert main(["train", *TINY, "--steps", "2", "--out", str(tmp_path), "--top-k", "-1"]) == 2
+    assert "--top-k >= 0" in capsys.readouterr().err
+    assert main(["train", *TINY, "--steps", "2", "--out", str(tmp_path), "--sample-tokens", "-5"]) == 2
+    assert "--sample-tokens=-5" in capsys.readouterr().err
+
+
+def test_train_into_an_unwritable_folder_exits_2_without_traceback(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["train", *TINY, "--steps", "2", "--sample-tokens", "0", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err

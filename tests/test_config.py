@@ -103,7 +103,7 @@ def test_head_dim_decouples_dim_from_heads():
 
 
 @pytest.mark.parametrize("attention, n_kv_heads, expected", [
-    ("mha", 0, 6), ("mha", 6, 6), ("gqa", 2, 2), ("gqa", 0, 6), ("mqa", 0, 1),
+    ("mha", 0, 6), ("mha", 6, 6), ("gqa", 2, 2), ("gqa", 6, 6), ("mqa", 0, 1),
 ])
 def test_kv_heads(attention, n_kv_heads, expected):
     assert ModelConfig(attention=attention, n_kv_heads=n_kv_heads).kv_heads == expected
@@ -263,5 +263,34 @@ def test_real_presets_enable_yarn_beyond_the_pretraining_context() -> None:
 
 def test_learning_rate_must_be_finite() -> None:
     for bad in (float("inf"), float("nan"), "1e-3"):
-        with pytest.raises(ValueError, match="lr=.* must be a finite number > 0"):
+        with pytest.raises(ValueError, match="lr=.* must be a finite number"):
             TrainConfig(lr=bad)
+
+
+# --- wrong types and non-finite numbers are named, never a bare TypeError -----------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("norm_eps", "x"), ("norm_eps", float("nan")), ("init_std", float("inf")), ("rope_theta", None),
+    ("route_scale", True), ("mtp_loss_weight", float("-inf")), ("bias_update_speed", "0.001"),
+    ("kv_lora_rank", 64.0), ("qk_rope_head_dim", 16.5), ("moe_inter_dim", "128"), ("n_expert_groups", 1.0),
+    ("beta_fast", float("nan")), ("original_seq_len", None), ("score_func", 1), ("group_score", None),
+    ("attention", ["mla"]),
+])
+def test_model_config_wrong_types_raise_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("nan")), ("min_lr_ratio", "0.1"), ("weight_decay", None), ("beta1", float("inf")),
+    ("grad_clip", "1"), ("decay_frac", [0.2]), ("bf16", 1), ("schedule", None), ("device", 0), ("out_dir", None),
+])
+def test_train_config_wrong_types_raise_value_error_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_gqa_needs_explicit_kv_heads():
+    with pytest.raises(ValueError, match="attention='gqa' needs n_kv_heads >= 1"):
+        ModelConfig(attention="gqa")
+    assert ModelConfig(attention="gqa", n_kv_heads=2).kv_heads == 2

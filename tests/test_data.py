@@ -583,3 +583,14 @@ def test_eval_windows_are_spread_over_the_whole_split() -> None:
     assert starts == [0, 333, 666, 999], starts  # first and last window both used, evenly spaced
     full = list(iter_eval_batches(tokens, batch_size=400, seq_len=1))
     assert sum(x.shape[0] for x, _ in full) == 1000  # without a limit: every window once
+
+
+def test_default_cache_is_the_checkout_or_the_user_cache(tmp_path, monkeypatch):
+    # In a source checkout: <checkout>/data/cache. As an installed copy (no pyproject.toml beside the
+    # package, as in site-packages): the user's cache folder, never a folder inside site-packages.
+    assert data.CACHE_DIR == Path(data.__file__).resolve().parent.parent / "data" / "cache"
+    fake = tmp_path / "site-packages" / "deepseek_edu" / "data.py"
+    fake.parent.mkdir(parents=True)
+    monkeypatch.setattr(data, "__file__", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data._default_cache_dir() == tmp_path / "xdg" / "deepseek-edu"

@@ -375,12 +375,14 @@ def _moe_ref(moe, x, cfg):
     return torch.stack(rows).view_as(x)
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
 @pytest.mark.parametrize("name", ["v3_sigmoid_top2_sum", "v2_softmax_max", "sigmoid_no_groups"])
 @torch.no_grad()
-def test_moe_equals_per_token_loop(name):
+def test_moe_equals_per_token_loop(name, impl):
     for shared in (1, 0, 2):
         cfg = _cfg(**(REF_CONFIGS[name] | dict(n_shared_experts=shared)))
         moe = _moe(cfg).eval()
+        moe.dispatch_impl = impl
         x = torch.randn(2, 7, cfg.dim)
         out = moe(x)
         assert out.y.shape == x.shape and out.load.shape == (cfg.n_routed_experts,)
@@ -405,6 +407,7 @@ def test_route_scale_not_applied_to_shared_expert():
 def test_dispatch_runs_each_expert_once_on_its_tokens():
     cfg = _cfg(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)
     moe = _moe(cfg).eval()
+    moe.dispatch_impl = "loop"  # the grouped GEMM calls no Expert module (it is checked against this below)
     seen: dict[int, list[torch.Tensor]] = {e: [] for e in range(cfg.n_routed_experts)}
     hooks = [expert.register_forward_hook(lambda mod, inp, out, e=e: seen[e].append(inp[0].detach()))
              for e, expert in enumerate(moe.experts)]
@@ -431,6 +434,65 @@ def test_dispatch_runs_each_expert_once_on_its_tokens():
         assert torch.equal(which.sort().values, routed), \
             f"expert {e} saw tokens {which.tolist()}, routed {routed.tolist()}"
     assert sum(1 for e in seen if seen[e]) == int((out.load > 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_dispatch_equals_loop_forward_and_gradients(dtype):
+    # The grouped GEMM path and the per-expert loop: same output, same gradients for x, every expert
+    # matrix, the gate weight and the shared expert. One expert gets no token (an empty group).
+    cfg = _cfg(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=3)
+    loop = _moe(cfg).to(dtype).train()
+    with torch.no_grad():
+        loop.gate.bias[5] = -100.0  # expert 5 is never chosen: an empty block
+    grouped = MoE(cfg).to(dtype).train()
+    grouped.load_state_dict(loop.state_dict())
+    loop.dispatch_impl, grouped.dispatch_impl = "loop", "grouped"
+    x = torch.randn(2, 13, cfg.dim, dtype=dtype)
+    g = torch.randn_like(x)
+    outs, grads = [], []
+    for moe in (loop, grouped):
+        xi = x.clone().requires_grad_()
+        out = moe(xi)
+        out.y.backward(g)
+        outs.append(out)
+        # the loop never calls an expert without tokens (grad None); the grouped GEMM gives it zeros
+        grads.append({"x": xi.grad} | {n: torch.zeros_like(p) if p.grad is None else p.grad
+                                       for n, p in moe.named_parameters()})
+    assert outs[0].load[5] == 0 and torch.equal(outs[0].load, outs[1].load)
+    tol = FP32_TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)  # bf16: rounding order
+    _close(outs[1].y.float(), outs[0].y.float(), tol, "grouped vs loop output:")
+    assert grads[0]["experts.5.w1.weight"].abs().max() == 0 and grads[1]["experts.5.w1.weight"].abs().max() == 0
+    for name, ref in grads[0].items():
+        scale = float(ref.float().abs().max()) or 1.0  # relative to the gradient's own size
+        _close(grads[1][name].float() / scale, ref.float() / scale, tol, f"gradient of {name}:")
+
+
+def test_dispatch_is_bitwise_repeatable_and_rejects_unknown_impl():
+    cfg = _cfg(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=4)
+    moe = _moe(cfg).to(torch.bfloat16).train()
+    x = torch.randn(3, 9, cfg.dim, dtype=torch.bfloat16)
+    results = []
+    for _ in range(2):
+        xi = x.clone().requires_grad_()
+        moe(xi).y.float().square().sum().backward()
+        results.append(xi.grad.clone())
+    assert torch.equal(results[0], results[1])
+    moe.dispatch_impl = "fast"
+    with pytest.raises(ValueError, match="dispatch impl 'fast'"):
+        moe(x)
+
+
+def test_underflowed_sigmoid_scores_give_finite_weights():
+    # Logits of -200 make every sigmoid score exactly 0 in fp32: the normalisation must not divide 0 by 0.
+    cfg = _cfg(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
+    moe = _moe(cfg).eval()
+    with torch.no_grad():
+        moe.gate.weight.fill_(-1.0)
+    x = torch.full((1, 3, cfg.dim), 200.0 / cfg.dim)  # logits = -200 for every expert
+    routing = moe.gate(x.reshape(-1, cfg.dim))
+    assert (routing.scores == 0).all()
+    assert torch.isfinite(routing.weights).all() and (routing.weights == 0).all()
+    assert torch.isfinite(moe(x).y).all()
 
 
 # --- FAULTS A: transformers' DeepseekV3 as a second reference ------------------------------------
