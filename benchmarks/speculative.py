@@ -57,7 +57,7 @@ from deepseek_edu.config import TrainConfig, get_preset  # noqa: E402
 from deepseek_edu.data import load_dataset  # noqa: E402
 from deepseek_edu.generate import generate, speculative_generate  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
-from deepseek_edu.train import Trainer, load_model, save_checkpoint  # noqa: E402
+from deepseek_edu.train import Trainer, load_checkpoint, load_model  # noqa: E402
 
 PAPER = {"acceptance_rate": [0.85, 0.90], "tokens_per_s_ratio": 1.8, "source": "DeepSeek-V3 §5.4.3"}
 GOALS = {"acceptance_rate": 0.6, "speedup": 1.3}
@@ -85,6 +85,21 @@ def train_model(args: argparse.Namespace, dataset, device: torch.device) -> tupl
             "train_ce_last_5pct": statistics.fmean(r["ce"] for r in last),
             "train_mtp_ce_1_last_5pct": statistics.fmean(r["mtp_ce_1"] for r in last)}
     return result.model, info
+
+
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """How a checkpoint was trained, from its own metadata (train config, history, elapsed seconds)."""
+    ckpt = load_checkpoint(path)
+    hist = ckpt.history
+    last = hist[-max(1, len(hist) // 20):]
+    val = next((r["val_loss"] for r in reversed(hist) if r.get("val_loss") is not None), None)
+    info: dict[str, Any] = {"source": f"checkpoint {path.name}, step {ckpt.step}",
+                            "train_config": ckpt.train_config.to_dict() if ckpt.train_config else None,
+                            "train_seconds": round(float(ckpt.extra.get("elapsed", 0.0)), 1), "val_loss": val}
+    if last and "mtp_ce_1" in last[0]:
+        info["train_ce_last_5pct"] = statistics.fmean(r["ce"] for r in last)
+        info["train_mtp_ce_1_last_5pct"] = statistics.fmean(r["mtp_ce_1"] for r in last)
+    return info
 
 
 @torch.no_grad()
@@ -248,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = load_dataset("shakespeare", get_preset(args.preset).vocab_size, progress=False)
     if args.checkpoint is not None:
         model, _ = load_model(args.checkpoint, device)
-        payload["model"] = {"source": f"checkpoint {args.checkpoint.name}"}
+        payload["model"] = checkpoint_info(args.checkpoint)
     else:
         model, payload["model"] = train_model(args, dataset, device)
         print(f"trained {args.train_steps} steps in {payload['model']['train_seconds']} s: val loss "
