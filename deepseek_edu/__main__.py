@@ -1,6 +1,6 @@
 """Command line: ``python -m deepseek_edu prepare | train | generate`` (``--help`` on each).
 
-    python -m deepseek_edu train                       # Shakespeare, baseline model, minutes on a CPU
+    python -m deepseek_edu train                       # Shakespeare, the tiny DeepSeek, minutes on a CPU
     python -m deepseek_edu train --corpus python-docs  # offline: CPython's documentation topics
     python -m deepseek_edu generate --checkpoint runs/default/checkpoint.safetensors --prompt "ROMEO:"
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", formatter_class=_HelpFormatter, help="train a model and print a sample",
                        description="Train a model on a corpus (prepared automatically on first use), then "
                                    "print the validation loss, the unigram baselines and a generated sample.")
-    t.add_argument("--preset", choices=_trainable_presets(), default="baseline",
+    t.add_argument("--preset", choices=_trainable_presets(), default="tiny",
                    help="model configuration preset")
     t.add_argument("--corpus", choices=CORPORA, default=d.corpus,
                    help="training text; use 'python-docs' when the package index cannot be reached")

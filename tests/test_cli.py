@@ -96,7 +96,7 @@ def test_train_flags_cover_the_brief():
 
 @pytest.mark.parametrize("args,names", [
     (["--steps", "0"], ["max_steps=0"]),
-    (["--dim", "100", "--n-heads", "3"], ["dim=100", "n_heads=3"]),
+    (["--dim", "100", "--n-heads", "3", "--attention", "mha"], ["dim=100", "n_heads=3"]),
     (["--lr", "-1"], ["lr=-1"]),
     (["--vocab-size", "100"], ["vocab_size=100"]),
     (["--seq-len", "512"], ["seq_len=512", "max_seq_len=256"]),
