@@ -229,14 +229,15 @@ class MTPDraft:
             drafts.append(int(d))
         return drafts
 
-    def rollback(self, n_accepted: int) -> None:
-        """Keep what stays valid once t_0..t_{n_accepted} are final: depth k, positions < n_accepted - k.
+    def rollback(self, newest: int) -> None:
+        """Keep what stays valid once t_0..t_newest are final: depth k keeps positions < newest - k.
 
-        Position i of depth k read the tokens up to t_{i+k}; t_{n_accepted} (the main model's own
-        token) was never fed to any depth, so i + k <= n_accepted - 1.
+        Position i of depth k read the tokens up to t_{i+k}. Those up to t_{newest-1} were fed as they
+        are now (accepted tokens or accepted drafts); t_newest, the main model's own token, was never
+        fed to any depth (a rejected draft stood in its place, or nothing). So i + k <= newest - 1.
         """
         for k, cache in enumerate(self.caches, start=1):
-            cache.truncate(min(cache.length, max(n_accepted - k, 0)))
+            cache.truncate(min(cache.length, max(newest - k, 0)))
 
 
 def _sync(device: torch.device) -> None:
@@ -353,7 +354,7 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | Tensor, max
             cache.truncate(N + len(new))  # keep positions N..N+j: their inputs t_N, d_1..d_j were accepted
             if mtp is not None:
                 mtp.store_main_hidden(N, out.hidden[:, :len(new)])
-                mtp.rollback(N + len(new))
+                mtp.rollback(N + len(new))  # t_{N+len(new)} is the newest token
             L += len(new)
             steps += 1
         _sync(device)

@@ -338,6 +338,17 @@ def test_moe_router_bias_moves_every_step_and_resumes_exactly(dataset, tmp_path)
     assert torch.equal(bias, second.model.layers[1].ffn.gate.bias)
 
 
+def test_evaluate_reads_the_main_head_only(dataset):
+    """Validation loss of a model with MTP = that of the same main weights without MTP (MTP never enters it)."""
+    mcfg = tiny_model_cfg(n_mtp_depth=2)
+    torch.manual_seed(0)
+    with_mtp = Transformer(mcfg)
+    without = Transformer(mcfg.replace(n_mtp_depth=0))
+    without.load_state_dict({k: v for k, v in with_mtp.state_dict().items() if not k.startswith("mtp.")})
+    tcfg = tiny_train_cfg("unused")
+    assert evaluate(with_mtp, dataset.val, tcfg) == evaluate(without, dataset.val, tcfg)
+
+
 def test_mtp_model_trains_logs_each_depth_and_resumes_exactly(dataset, tmp_path):
     """MTP modules (D = 2, MoE block) are trained, logged per depth, checkpointed and resumed bitwise (kind K)."""
     mcfg = tiny_model_cfg(n_layers=2, n_dense_layers=1, n_routed_experts=4, n_activated_experts=2,
