@@ -228,6 +228,10 @@ class Transformer(nn.Module):
             raise ValueError("mtp=True needs a model with MTP modules (n_mtp_depth > 0) and no cache; "
                              "speculative decoding drives them with their own caches (generate.py)")
         run_mtp = self.mtp is not None and cache is None if mtp is None else mtp
+        if cache is not None and (not isinstance(cache, ModelCache) or len(cache.layers) != len(self.layers)):
+            got = f"{len(cache.layers)} layers" if isinstance(cache, ModelCache) else type(cache).__name__
+            raise ValueError(f"cache must be a ModelCache of this model's {len(self.layers)} layers "
+                             f"(model.new_cache), got {got}")
         start_pos = cache.length if cache is not None else 0
         self._check_tokens(tokens, start_pos)
         S = tokens.shape[1]

@@ -326,3 +326,12 @@ def test_empty_sequence_is_a_value_error() -> None:
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, inter_dim=64, max_seq_len=16))
     with pytest.raises(ValueError, match="at least one position"):
         model(torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_a_cache_of_another_model_is_refused_by_name():
+    model = _model(_cfg("mha"))
+    other = _model(_cfg("mha").replace(n_layers=1))
+    with pytest.raises(ValueError, match="ModelCache of this model's 2 layers"):
+        model(_tokens(1, 3), other.new_cache(1))
+    with pytest.raises(ValueError, match="got KVCache"):
+        model(_tokens(1, 3), model.new_cache(1).layers[0])
