@@ -796,3 +796,5 @@ def cross_entropy_unigram(train: Tensor, val: Tensor, vocab_size: int) -> float:
     q = (_counts(train, vocab_size) + 1) / (train.numel() + vocab_size)
     _counts(val, vocab_size)  # range check
     return float(-q.log()[val.long()].mean())
+
+from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: E402,F401 (verifiable tasks)
