@@ -190,6 +190,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale: bool = True) -> 
 # --- KL and the policy losses ------------------------------------------------------------------------
 
 KL_LOG_RATIO_MAX = 20.0  # k3 is exact for log(π_ref/π_θ) <= 20 (ratio e^20 ≈ 4.9e8); linear beyond
+KL_LOG_RATIO_LIMIT = 1e6  # |log(π_ref/π_θ)| is clamped here first: k3 stays below ~5e14, finite in fp32/bf16
 RATIO_LOG_MAX = 20.0  # log(π_θ/π_old) is clamped to ±20 in the surrogate; far beyond any clip range
 
 
@@ -200,14 +201,16 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     from π_θ. `exp` overflows fp32 beyond d ≈ 88, so d is clamped at `KL_LOG_RATIO_MAX` (20) before
     the `exp` and k3 continues beyond it along its tangent, (e^20 - 1)(d - 20) + k3(20): still
     convex, increasing, finite for any finite d (d = 1e4 gives about 4.9e12) with a finite gradient
-    that keeps pulling towards the reference. For d -> -inf, exp(d) -> 0 and k3 ≈ -d - 1 is finite.
+    that keeps pulling towards the reference. For d -> -inf, exp(d) -> 0 and k3 ≈ -d - 1. Before
+    all that, d is clamped to ±`KL_LOG_RATIO_LIMIT` (1e6 nats, far beyond any real log-prob gap), so
+    k3 < 5e14 and is finite for *any* input, inf included (the gradient is 0 only beyond ±1e6).
 
     Args:
         logp, ref_logp: (...) log-probabilities of the same tokens under π_θ and π_ref.
     Returns:
         (...) k3 values, same dtype as `logp`.
     """
-    d = ref_logp - logp
+    d = (ref_logp - logp).clamp(-KL_LOG_RATIO_LIMIT, KL_LOG_RATIO_LIMIT)
     dc = d.clamp(max=KL_LOG_RATIO_MAX)
     slope = math.expm1(KL_LOG_RATIO_MAX)  # derivative of exp(d) - d - 1 at the bound
     return torch.exp(dc) - dc - 1 + slope * F.relu(d - KL_LOG_RATIO_MAX)
