@@ -3,7 +3,7 @@
     python -m deepseek_edu train                       # Shakespeare, baseline model, minutes on a CPU
     python -m deepseek_edu train --corpus python-docs  # offline: CPython's documentation topics
     python -m deepseek_edu generate --checkpoint runs/default/checkpoint.safetensors --prompt "ROMEO:"
-    python -m deepseek_edu grpo                        # SFT then GRPO on 2-digit arithmetic (R1-Zero in miniature)
+    python -m deepseek_edu grpo                        # SFT then GRPO on 2-digit addition (R1-Zero in miniature)
 
 Every flag's default is the matching field of `TrainConfig` (or of the preset's `ModelConfig`), so
 the CLI and the Python API train the same run. User errors -- an invalid config, a corpus that
@@ -151,7 +151,8 @@ def _add_grpo_parser(sub) -> None:
     helps = {
         "group_size": "G: responses sampled per prompt", "prompts_per_step": "prompts per GRPO batch",
         "steps": "GRPO batches", "updates_per_batch": "optimizer steps per batch (mu)",
-        "lr": "AdamW learning rate of GRPO", "beta": "KL coefficient against the SFT model (default: 0 for dapo)",
+        "lr": "AdamW learning rate of GRPO", "warmup_steps": "GRPO steps of linear learning-rate warmup",
+        "beta": "KL coefficient against the SFT model (default: 0 for dapo)",
         "clip_eps_low": "ratio clipped below at 1 - eps_low",
         "clip_eps_high": "ratio clipped above at 1 + eps_high (default: 0.28 for dapo)",
         "temperature": "sampling temperature (the loss uses the same)",

@@ -417,7 +417,7 @@ def get_preset(name: str) -> ModelConfig:
 
 
 GRPO_VARIANTS = ("grpo", "dr_grpo", "dapo")
-GRPO_TASKS = ("arithmetic", "countdown")
+GRPO_TASKS = ("addition", "arithmetic", "countdown")
 
 
 @dataclass
@@ -429,13 +429,14 @@ class GRPOConfig:
     G = 16, KL coefficient 0.001; DAPO eps_low 0.2 / eps_high 0.28, no KL.
     """
 
-    task: str = "arithmetic"  # "arithmetic" (2-digit + and -) or "countdown" (3 numbers); tasks.py
+    task: str = "addition"  # "addition" (2-digit a+b), "arithmetic" (+ and -) or "countdown"; tasks.py
     variant: str = "grpo"  # "grpo" (DeepSeekMath), "dr_grpo" (no length / std normalisation), "dapo"
     group_size: int = 8  # G: responses sampled per prompt
     prompts_per_step: int = 8  # prompts per batch; a batch holds prompts_per_step * G responses
     steps: int = 60  # GRPO batches (each sampled once from the policy of that moment)
     updates_per_batch: int = 2  # mu: optimizer steps on each batch (pi_old = the sampling policy)
-    lr: float = 5e-4  # AdamW learning rate of the GRPO phase (constant)
+    lr: float = 5e-5  # AdamW learning rate of the GRPO phase (after warmup, constant)
+    warmup_steps: int = 5  # linear warmup of the GRPO learning rate (Adam's first steps are the noisiest)
     beta: float = 0.04  # KL coefficient against the frozen reference (the SFT model); 0 = no KL term
     clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low
     clip_eps_high: float = 0.2  # ratio clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)
@@ -464,7 +465,7 @@ class GRPOConfig:
                      "sft_batch_size"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value > 0, f"{name}={value!r} must be a positive integer")
-        for name in ("steps", "eval_every", "sft_steps", "threads", "seed"):
+        for name in ("steps", "warmup_steps", "eval_every", "sft_steps", "threads", "seed"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
         if _is_int(self.group_size):

@@ -559,6 +559,10 @@ def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConf
     ref.eval().requires_grad_(False)
     model.eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    # Linear warmup over the first optimizer steps: Adam's first steps move every weight by about lr
+    # whatever the gradient's size, and a policy gradient from 64 samples is mostly noise.
+    n_warm = cfg.warmup_steps * cfg.updates_per_batch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / n_warm) if n_warm else 1.0)
     rng = random.Random(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     G, P = cfg.group_size, cfg.prompts_per_step
@@ -590,6 +594,7 @@ def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConf
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            sched.step()
             stats.append(out)
         first = stats[0] if stats else None
         row = {

@@ -405,9 +405,12 @@ class CountdownTask(_Task):
 
 
 def make_task(name: str, **kwargs) -> ArithmeticTask | CountdownTask:
-    """The task called `name` ("arithmetic" or "countdown"); raises ValueError for others."""
+    """The task called `name`: "addition" (`ArithmeticTask` with ops "+"), "arithmetic" (+ and -) or
+    "countdown"; `kwargs` go to the task's constructor. Raises ValueError for other names."""
+    if name == "addition":
+        return ArithmeticTask(**{"ops": "+", **kwargs})
     if name == "arithmetic":
         return ArithmeticTask(**kwargs)
     if name == "countdown":
         return CountdownTask(**kwargs)
-    raise ValueError(f"unknown task {name!r}; known tasks: arithmetic, countdown")
+    raise ValueError(f"unknown task {name!r}; known tasks: addition, arithmetic, countdown")
