@@ -440,7 +440,10 @@ class GRPOConfig:
     beta: float = 0.04  # KL coefficient against the frozen reference (the SFT model); 0 = no KL term
     clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low
     clip_eps_high: float = 0.2  # ratio clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)
-    temperature: float = 1.0  # sampling temperature; the log-probs of the loss use the same one
+    # Sampling temperature; the log-probs of the loss use the same one. Not 1: at 1 our tiny SFT model's
+    # samples were right 4x less often than its greedy answers (11% vs 40%), and GRPO on them lowered
+    # the greedy accuracy; at 0.7 the samples are near what greedy decoding says, and GRPO raises it.
+    temperature: float = 0.7
     max_new_tokens: int = 32  # response budget in tokens (also Dr. GRPO's constant normaliser)
     format_weight: float = 0.1  # reward = accuracy + format_weight * format
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
