@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
     configs = {v: GRPOConfig.for_variant(v, task=args.task, steps=args.steps, eval_every=args.eval_every,
-                                         n_eval=args.n_eval, sft_steps=args.sft_steps, seed=args.seed)
+                                         n_eval=args.n_eval, sft_steps=args.sft_steps, seed=args.seed,
+                                         sft_schedule_steps=0 if args.quick else d.sft_schedule_steps)
                for v in variants}
     base = configs[variants[0]]
     machine = machine_info(torch.device("cpu"))
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test = task.problems(args.n_eval, "test", seed=12345, distinct=True)
     t0 = time.perf_counter()
     sft_losses = supervised_finetune(model, tokenizer, task, base.sft_steps, base.sft_batch_size, base.sft_lr,
-                                     args.seed, progress=False)
+                                     args.seed, progress=False, schedule_steps=base.sft_schedule_steps)
     sft_seconds = time.perf_counter() - t0
     sft_eval = evaluate(model, tokenizer, test, base.max_new_tokens)
     print(f"SFT: {base.sft_steps} steps in {sft_seconds:.0f} s, held-out accuracy {sft_eval['accuracy']:.3f}",
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "grpo_variants", "created": now_utc(), "machine": machine,
         "load_average_1min_at_end": machine_load(),
         "command": "python benchmarks/grpo_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {"task": args.task, "variants": variants, "sft_steps": base.sft_steps, "steps": args.steps,
+        "settings": {"task": args.task, "variants": variants, "sft_steps": base.sft_steps,
+                     "sft_schedule_steps": base.sft_schedule_steps, "steps": args.steps,
                      "eval_every": args.eval_every, "n_eval": args.n_eval, "seed": args.seed,
                      "model": model.cfg.to_dict(), "n_parameters": model.num_parameters()},
         "sft": {"losses": sft_losses, "seconds": sft_seconds, "eval": sft_eval},

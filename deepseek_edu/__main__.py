@@ -160,7 +160,9 @@ def _add_grpo_parser(sub) -> None:
         "grad_clip": "max global gradient norm; 0 = none",
         "eval_every": "GRPO steps between held-out evaluations; 0 = before and after only",
         "n_eval": "held-out problems, answered greedily", "sft_steps": "supervised warm-up steps; 0 = none",
-        "sft_lr": "peak learning rate of the warm-up", "sft_batch_size": "worked solutions per warm-up step",
+        "sft_lr": "peak learning rate of the warm-up",
+        "sft_schedule_steps": "steps the warm-up's cosine schedule spans (stops part-way when larger)",
+        "sft_batch_size": "worked solutions per warm-up step",
         "seed": "seeds the model, the problems and the sampling", "threads": "torch CPU threads; 0 = default",
     }
     for name, text in helps.items():

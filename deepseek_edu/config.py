@@ -451,6 +451,10 @@ class GRPOConfig:
     n_eval: int = 200  # distinct held-out problems, answered greedily
     sft_steps: int = 300  # supervised steps on worked solutions before GRPO; 0 = none
     sft_lr: float = 3e-3  # peak learning rate of the supervised phase (warmup + cosine)
+    # Steps the SFT cosine schedule is laid out over (values below sft_steps mean sft_steps). Larger stops
+    # SFT part-way, before the learning rate anneals: a model partly right and still unsure, which GRPO
+    # can improve (notebook 10).
+    sft_schedule_steps: int = 400
     sft_batch_size: int = 32  # worked solutions per supervised step
     seed: int = 0  # seeds the model, the problems and the sampling
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -468,7 +472,7 @@ class GRPOConfig:
                      "sft_batch_size"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value > 0, f"{name}={value!r} must be a positive integer")
-        for name in ("steps", "warmup_steps", "eval_every", "sft_steps", "threads", "seed"):
+        for name in ("steps", "warmup_steps", "eval_every", "sft_steps", "sft_schedule_steps", "threads", "seed"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
         if _is_int(self.group_size):

@@ -474,11 +474,15 @@ def _sft_batch(tokenizer: CharTokenizer, problems: Sequence[Problem]) -> tuple[T
 
 def supervised_finetune(model: Transformer, tokenizer: CharTokenizer, task, steps: int, batch_size: int = 32,
                         lr: float = 3e-3, seed: int = 0, progress: bool = True,
-                        on_step: Callable[[int, float], None] | None = None) -> list[float]:
+                        on_step: Callable[[int, float], None] | None = None,
+                        schedule_steps: int | None = None) -> list[float]:
     """Teach the layout and the worked solutions by next-token prediction on the response tokens.
 
-    AdamW (weight decay 0.01), 10% linear warmup then cosine to 10%, gradient clipping at 1, the MoE
-    balance loss added and the routing biases updated after each step (as in `train.py`).
+    AdamW (weight decay 0.01), 10% linear warmup then cosine to 10% over `schedule_steps` (default
+    `steps`), gradient clipping at 1, the MoE balance loss added and the routing biases updated after
+    each step (as in `train.py`). With schedule_steps > steps the run stops part-way through its
+    schedule, before the learning rate has annealed: a checkpoint that is partly right and still
+    unsure, the starting point GRPO can improve (notebook 10 says why).
 
     `on_step(step, loss)` is called after each step (1-based), e.g. to evaluate along the way.
 
@@ -489,9 +493,10 @@ def supervised_finetune(model: Transformer, tokenizer: CharTokenizer, task, step
 
     device = model.embed.weight.device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warm = max(1, steps // 10)
+    total = max(steps, schedule_steps or steps)
+    warm = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+                                              0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     rng = random.Random(seed)
     losses = []
     model.train()
@@ -630,7 +635,7 @@ def run(cfg: GRPOConfig, progress: bool = True, out_path: str | Path | None = No
     test = task.problems(cfg.n_eval, "test", seed=12345, distinct=True)
     t0 = time.perf_counter()
     sft_losses = supervised_finetune(model, tokenizer, task, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr,
-                                     cfg.seed, progress)
+                                     cfg.seed, progress, schedule_steps=cfg.sft_schedule_steps)
     sft_time = time.perf_counter() - t0
     before = evaluate(model, tokenizer, test, cfg.max_new_tokens)
     res = grpo_train(model, tokenizer, task, cfg, test, progress=progress,
