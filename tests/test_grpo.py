@@ -537,3 +537,29 @@ def test_cli_grpo_end_to_end(tmp_path, capsys) -> None:
     assert {"accuracy_sft", "accuracy_grpo", "history", "config"} <= set(res)
     assert main(["grpo", "--group-size", "1", "--no-progress"]) == 2
     assert "group_size=1" in capsys.readouterr().err
+
+
+def test_sft_batch_masks_the_response_only() -> None:
+    from deepseek_edu.grpo import _sft_batch
+
+    tok = CharTokenizer()
+    probs = [ArithmeticTask().make(47, "+", 38), ArithmeticTask().make(5, "+", 7)]
+    x, y, m = _sft_batch(tok, probs)
+    for i, p in enumerate(probs):
+        target = tok.encode(p.solution) + [tok.eos_id]
+        assert y[i][m[i]].tolist() == target  # exactly the response and its eos are learned
+        assert x[i, : len(tok.encode(p.prompt))].tolist() == tok.encode(p.prompt)
+    assert not m[1, len(tok.encode(probs[1].prompt + probs[1].solution)):].any()  # no loss on padding
+
+
+def test_sft_lowers_the_loss_and_stops_part_way() -> None:
+    from deepseek_edu.grpo import supervised_finetune
+
+    model = _tiny_model(4)
+    task = ArithmeticTask(n_digits=1, ops="+")
+    losses = supervised_finetune(model, CharTokenizer(), task, steps=30, batch_size=8, lr=3e-3, progress=False)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    seen = []
+    supervised_finetune(_tiny_model(4), CharTokenizer(), task, steps=3, batch_size=4, progress=False,
+                        on_step=lambda s, l: seen.append(s), schedule_steps=100)
+    assert seen == [1, 2, 3]
