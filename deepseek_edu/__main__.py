@@ -152,9 +152,9 @@ def _add_grpo_parser(sub) -> None:
         "group_size": "G: responses sampled per prompt", "prompts_per_step": "prompts per GRPO batch",
         "steps": "GRPO batches", "updates_per_batch": "optimizer steps per batch (mu)",
         "lr": "AdamW learning rate of GRPO", "warmup_steps": "GRPO steps of linear learning-rate warmup",
-        "beta": "KL coefficient against the SFT model (default: 0 for dapo)",
+        "beta": "KL coefficient against the SFT model (default: 0.04; 0 for dapo)",
         "clip_eps_low": "ratio clipped below at 1 - eps_low",
-        "clip_eps_high": "ratio clipped above at 1 + eps_high (default: 0.28 for dapo)",
+        "clip_eps_high": "ratio clipped above at 1 + eps_high (default: 0.2; 0.28 for dapo)",
         "temperature": "sampling temperature (the loss uses the same)",
         "max_new_tokens": "response budget in tokens", "format_weight": "reward = accuracy + this x format",
         "grad_clip": "max global gradient norm; 0 = none",
@@ -169,7 +169,7 @@ def _add_grpo_parser(sub) -> None:
         value = getattr(d, name)
         default = None if name in ("beta", "clip_eps_high") else value
         r.add_argument("--" + name.replace("_", "-"), type=type(value), default=default,
-                       help=text if default is not None else f"{text}; otherwise {value}")
+                       help=text)
     r.add_argument("--device", choices=("cpu", "cuda"), default=d.device, help="where the model runs")
     r.add_argument("--out", default=d.out_dir, help="folder for metrics.json")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")

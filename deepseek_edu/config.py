@@ -433,7 +433,7 @@ class GRPOConfig:
     variant: str = "grpo"  # "grpo" (DeepSeekMath), "dr_grpo" (no length / std normalisation), "dapo"
     group_size: int = 8  # G: responses sampled per prompt
     prompts_per_step: int = 8  # prompts per batch; a batch holds prompts_per_step * G responses
-    steps: int = 60  # GRPO batches (each sampled once from the policy of that moment)
+    steps: int = 100  # GRPO batches (each sampled once from the policy of that moment)
     updates_per_batch: int = 2  # mu: optimizer steps on each batch (pi_old = the sampling policy)
     lr: float = 5e-5  # AdamW learning rate of the GRPO phase (after warmup, constant)
     warmup_steps: int = 5  # linear warmup of the GRPO learning rate (Adam's first steps are the noisiest)
