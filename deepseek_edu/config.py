@@ -440,9 +440,9 @@ class GRPOConfig:
     beta: float = 0.04  # KL coefficient against the frozen reference (the SFT model); 0 = no KL term
     clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low
     clip_eps_high: float = 0.2  # ratio clipped above at 1 + clip_eps_high (DAPO's clip-higher: 0.28)
-    # Sampling temperature; the log-probs of the loss use the same one. Not 1: at 1 our tiny SFT model's
-    # samples were right 4x less often than its greedy answers (11% vs 40%), and GRPO on them lowered
-    # the greedy accuracy; at 0.7 the samples are near what greedy decoding says, and GRPO raises it.
+    # Sampling temperature; the log-probs of the loss use the same one. Below R1's 1.0: from an annealed
+    # SFT model, samples at 1.0 were right 4x less often than greedy answers (11% vs 40%) and GRPO lowered
+    # greedy accuracy; 0.7 keeps samples near what greedy evaluation reads (notebook 10, section 5).
     temperature: float = 0.7
     max_new_tokens: int = 32  # response budget in tokens (also Dr. GRPO's constant normaliser)
     format_weight: float = 0.1  # reward = accuracy + format_weight * format
