@@ -797,4 +797,5 @@ def cross_entropy_unigram(train: Tensor, val: Tensor, vocab_size: int) -> float:
     _counts(val, vocab_size)  # range check
     return float(-q.log()[val.long()].mean())
 
-from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: E402,F401 (verifiable tasks)
+# Verifiable task generators for RL (notebook 10) live in tasks.py; re-exported here.
+from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: E402,F401
