@@ -247,10 +247,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     Per token: ℓ_t = -min(ρ_t Â, clip(ρ_t, 1 - ε_low, 1 + ε_high) Â) + β k3_t, ρ_t = exp(logp - old_logp).
 
     * "grpo" (DeepSeekMath eq. 3): mean over each output's tokens, then over the outputs.
-    * "dr_grpo" (Dr. GRPO §3.2): sum over each output's tokens / `max_tokens` (a constant), then
-      mean over the outputs. Pair with ``group_advantages(scale=False)``.
-    * "dapo" (DAPO eq. 8): sum over all tokens of all kept outputs / their number. Pass `keep` =
-      ``~equal_reward_groups(...)`` to drop zero-variance groups, and ε_high = 0.28.
+    * "dr_grpo" (Dr. GRPO, Liu et al. 2025): sum over each output's tokens / `max_tokens` (a
+      constant), then mean over the outputs. Pair with ``group_advantages(scale=False)``.
+    * "dapo" (DAPO's token-level loss, Yu et al. 2025): sum over all tokens of all kept outputs /
+      their number. Pass `keep` = ``~equal_reward_groups(...)`` to drop zero-variance groups, and
+      ε_high = 0.28.
 
     Args:
         logp: (B, T) log π_θ of the response tokens (requires grad).
