@@ -1,8 +1,9 @@
-"""Command line: ``python -m deepseek_edu prepare | train | generate`` (``--help`` on each).
+"""Command line: ``python -m deepseek_edu prepare | train | generate | grpo`` (``--help`` on each).
 
     python -m deepseek_edu train                       # Shakespeare, the tiny DeepSeek, minutes on a CPU
     python -m deepseek_edu train --corpus python-docs  # offline: CPython's documentation topics
     python -m deepseek_edu generate --checkpoint runs/default/checkpoint.safetensors --prompt "ROMEO:"
+    python -m deepseek_edu grpo                        # SFT then GRPO on 2-digit addition (R1-Zero in miniature)
 
 Every flag's default is the matching field of `TrainConfig` (or of the preset's `ModelConfig`), so
 the CLI and the Python API train the same run. User errors -- an invalid config, a corpus that
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m deepseek_edu", formatter_class=_HelpFormatter,
         description="deepseek-edu: prepare a corpus, train a small DeepSeek-style model, generate text.",
         epilog="The data cache is data/cache/ next to the package, or $DEEPSEEK_EDU_CACHE when set.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,generate,grpo}")
 
     p = sub.add_parser("prepare", formatter_class=_HelpFormatter,
                        help="fetch a corpus, train its tokenizer, tokenise",
@@ -131,7 +132,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler: same seed, same text")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs")
     g.set_defaults(func=cmd_generate)
+    _add_grpo_parser(sub)
     return parser
+
+
+def _add_grpo_parser(sub) -> None:
+    """The `grpo` subcommand: every flag is a `GRPOConfig` field of the same name (dashes for underscores)."""
+    from .config import GRPO_TASKS, GRPO_VARIANTS, GRPOConfig
+
+    d = GRPOConfig()
+    r = sub.add_parser("grpo", formatter_class=_HelpFormatter, help="SFT then GRPO on a verifiable task",
+                       description="R1-Zero in miniature: a tiny DeepSeek (MLA + MoE) learns the task layout "
+                                   "from worked solutions, then improves with GRPO and rule-based rewards. "
+                                   "Prints the held-out accuracy before and after GRPO and writes "
+                                   "OUT/metrics.json.")
+    r.add_argument("--task", choices=GRPO_TASKS, default=d.task, help="verifiable task (deepseek_edu/tasks.py)")
+    r.add_argument("--variant", choices=GRPO_VARIANTS, default=d.variant,
+                   help="policy loss: GRPO, Dr. GRPO (no length/std normalisation) or DAPO (clip-higher, "
+                        "token mean, equal-reward groups dropped; its paper settings unless overridden)")
+    helps = {
+        "group_size": "G: responses sampled per prompt", "prompts_per_step": "prompts per GRPO batch",
+        "steps": "GRPO batches", "updates_per_batch": "optimizer steps per batch (mu)",
+        "lr": "AdamW learning rate of GRPO", "warmup_steps": "GRPO steps of linear learning-rate warmup",
+        "beta": "KL coefficient against the SFT model (default: 0.04; 0 for dapo)",
+        "clip_eps_low": "ratio clipped below at 1 - eps_low",
+        "clip_eps_high": "ratio clipped above at 1 + eps_high (default: 0.2; 0.28 for dapo)",
+        "temperature": "sampling temperature (the loss uses the same)",
+        "max_new_tokens": "response budget in tokens", "format_weight": "reward = accuracy + this x format",
+        "grad_clip": "max global gradient norm; 0 = none",
+        "eval_every": "GRPO steps between held-out evaluations; 0 = before and after only",
+        "n_eval": "held-out problems, answered greedily", "sft_steps": "supervised warm-up steps; 0 = none",
+        "sft_lr": "peak learning rate of the warm-up",
+        "sft_schedule_steps": "steps the warm-up's cosine schedule spans (stops part-way when larger)",
+        "sft_batch_size": "worked solutions per warm-up step",
+        "seed": "seeds the model, the problems and the sampling", "threads": "torch CPU threads; 0 = default",
+    }
+    for name, text in helps.items():
+        value = getattr(d, name)
+        default = None if name in ("beta", "clip_eps_high") else value
+        r.add_argument("--" + name.replace("_", "-"), type=type(value), default=default,
+                       help=text)
+    r.add_argument("--device", choices=("cpu", "cuda"), default=d.device, help="where the model runs")
+    r.add_argument("--out", default=d.out_dir, help="folder for metrics.json")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.set_defaults(func=cmd_grpo)
 
 
 # --- subcommands ---------------------------------------------------------------------------------------
@@ -253,6 +297,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text, _ = _sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                       args.top_p, args.seed)
     print(text)
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import GRPOConfig
+    from .grpo import run
+
+    fields = [f for f in GRPOConfig.__dataclass_fields__ if f not in ("task", "variant", "device", "out_dir")]
+    changes = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    cfg = GRPOConfig.for_variant(args.variant, task=args.task, device=args.device, out_dir=args.out, **changes)
+    out_path = Path(cfg.out_dir) / "metrics.json"
+    res = run(cfg, progress=not args.no_progress, out_path=out_path)
+    last = res["history"][-1] if res["history"] else {}
+    print(f"task {cfg.task}, variant {cfg.variant}: {res['n_parameters'] / 1e6:.2f}M parameters, "
+          f"{cfg.sft_steps} SFT steps ({res['sft_seconds']:.0f} s), {cfg.steps} GRPO steps of "
+          f"{cfg.prompts_per_step} x {cfg.group_size} responses ({res['grpo_seconds']:.0f} s)")
+    if last:
+        print(f"last batch: reward {last['reward']:.3f}, accuracy {last['accuracy']:.3f}, KL {last['kl']:.4f}, "
+              f"length {last['length']:.1f} tokens")
+    print(f"held-out accuracy (greedy, {cfg.n_eval} problems): SFT {res['accuracy_sft']:.3f} -> "
+          f"GRPO {res['accuracy_grpo']:.3f}")
+    print(f"metrics: {out_path}")
     return 0
 
 

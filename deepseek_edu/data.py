@@ -807,3 +807,6 @@ def cross_entropy_unigram(train: Tensor, val: Tensor, vocab_size: int) -> float:
     q = (_counts(train, vocab_size) + 1) / (train.numel() + vocab_size)
     _counts(val, vocab_size)  # range check
     return float(-q.log()[val.long()].mean())
+
+# Verifiable task generators for RL (notebook 10) live in tasks.py; re-exported here.
+from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: E402,F401
