@@ -18,6 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import LR_SCHEDULES, PRESETS, ModelConfig, TrainConfig, get_preset
 from .data import CORPORA, CorpusIntegrityError, CorpusUnavailableError, resolve_cache_dir
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=d.out_dir, help="folder for checkpoint.safetensors and metrics.jsonl")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors if it exists (exactly where it stopped)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start again from step 0 even if OUT already holds a checkpoint (it is replaced)")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
     m = t.add_argument_group("model overrides (default: the preset's value)")
     m.add_argument("--dim", type=int, default=None, help="width of the residual stream (ModelConfig.dim)")
@@ -252,6 +255,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_sampling(args)
     if args.sample_tokens < 0:
         raise ValueError(f"--sample-tokens={args.sample_tokens} must be >= 0 (0 = no sample)")
+    existing = Path(train_cfg.out_dir) / "checkpoint.safetensors"
+    if existing.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{existing} exists: pass --resume to continue that run, --overwrite to replace it, "
+                         f"or --out for a new folder")
     trainer = Trainer(model_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
     if trainer.resumed_from is not None:
         print(f"resuming from step {trainer.resumed_from} of {trainer.checkpoint_path}")
@@ -308,7 +315,10 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
     fields = [f for f in GRPOConfig.__dataclass_fields__ if f not in ("task", "variant", "device", "out_dir")]
     changes = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    from .train import resolve_device
+
     cfg = GRPOConfig.for_variant(args.variant, task=args.task, device=args.device, out_dir=args.out, **changes)
+    resolve_device(cfg.device)  # ValueError when CUDA is asked for and absent
     out_path = Path(cfg.out_dir) / "metrics.json"
     res = run(cfg, progress=not args.no_progress, out_path=out_path)
     last = res["history"][-1] if res["history"] else {}

@@ -23,6 +23,9 @@ GROUP_SCORES = ("top2_sum", "max")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 
 
+MAX_SEQ_LEN_LIMIT = 1 << 20  # positions; DeepSeek-V3 with YaRN needs 163,840
+
+
 def _is_int(value: Any) -> bool:
     """An int that is not a bool (True would otherwise pass as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -152,6 +155,9 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "inter_dim"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value > 0, f"{name}={value!r} must be a positive integer")
+        _check(e, not _is_int(self.max_seq_len) or self.max_seq_len <= MAX_SEQ_LEN_LIMIT,
+               f"max_seq_len={self.max_seq_len!r} exceeds {MAX_SEQ_LEN_LIMIT:,} (the rotary table is built for "
+               f"every position)")
         for name in (
             "head_dim", "n_kv_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
             "v_head_dim", "original_seq_len", "beta_fast", "beta_slow", "n_dense_layers", "n_routed_experts",
@@ -301,7 +307,7 @@ class TrainConfig:
         for name in ("vocab_size", "seq_len", "batch_size", "max_steps", "eval_batches"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value > 0, f"{name}={value!r} must be a positive integer")
-        for name in ("warmup_steps", "eval_every", "save_every", "threads"):
+        for name in ("warmup_steps", "eval_every", "save_every", "threads", "seed"):
             value = getattr(self, name)
             _check(e, _is_int(value) and value >= 0, f"{name}={value!r} must be an integer >= 0")
         for name in ("lr", "min_lr_ratio", "decay_frac", "weight_decay", "beta1", "beta2", "grad_clip"):
@@ -335,6 +341,9 @@ class TrainConfig:
                f"TrainConfig.vocab_size={self.vocab_size} != ModelConfig.vocab_size={model.vocab_size}")
         _check(e, self.seq_len <= model.max_seq_len,
                f"TrainConfig.seq_len={self.seq_len} exceeds ModelConfig.max_seq_len={model.max_seq_len}")
+        _check(e, self.seq_len > model.n_mtp_depth,
+               f"TrainConfig.seq_len={self.seq_len} must exceed ModelConfig.n_mtp_depth={model.n_mtp_depth} "
+               f"(MTP depth k predicts from windows longer than k)")
         if e:
             raise ValueError("TrainConfig does not fit ModelConfig: " + "; ".join(e))
 
@@ -502,16 +511,15 @@ class GRPOConfig:
                    f"group_size={self.group_size} must be >= 2 (advantages compare responses of one prompt)")
         for name in ("lr", "sft_lr", "temperature"):
             value = getattr(self, name)
-            _check(e, isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                   f"{name}={value!r} must be a finite number > 0")
+            _check(e, _is_real(value) and value > 0, f"{name}={value!r} must be a finite number > 0")
         for name in ("beta", "format_weight", "grad_clip"):
             value = getattr(self, name)
-            _check(e, isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                   f"{name}={value!r} must be a finite number >= 0")
-        _check(e, isinstance(self.clip_eps_low, (int, float)) and 0 < self.clip_eps_low < 1,
+            _check(e, _is_real(value) and value >= 0, f"{name}={value!r} must be a finite number >= 0")
+        _check(e, _is_real(self.clip_eps_low) and 0 < self.clip_eps_low < 1,
                f"clip_eps_low={self.clip_eps_low!r} must be in (0, 1) (the ratio is clipped at 1 - clip_eps_low > 0)")
-        _check(e, isinstance(self.clip_eps_high, (int, float)) and math.isfinite(self.clip_eps_high)
-               and self.clip_eps_high > 0, f"clip_eps_high={self.clip_eps_high!r} must be a finite number > 0")
+        _check(e, _is_real(self.clip_eps_high) and self.clip_eps_high > 0,
+               f"clip_eps_high={self.clip_eps_high!r} must be a finite number > 0")
+        _check(e, isinstance(self.out_dir, str), f"out_dir={self.out_dir!r} must be a string")
         _check(e, self.device in ("cpu", "cuda"), f"device={self.device!r} must be 'cpu' or 'cuda'")
         if e:
             raise ValueError("invalid GRPOConfig: " + "; ".join(e))

@@ -219,7 +219,8 @@ class MTPDraft:
             module, cache = self.model.mtp[k - 1], self.caches[k - 1]
             start = cache.length  # depth k has positions 0..start-1; compute start..N-1
             # Position i reads t_{i+k}: accepted tokens up to t_N, then the drafts of shallower depths.
-            ids = torch.cat([seq[0, start + k:], draft_ids])[None]  # (1, N - start)
+            # ext = t_0..t_N, d_1..d_{k-1} (= t_{N+1}..t_{N+k-1}); positions start..N-1 read ext[start+k:]
+            ids = torch.cat([seq[0], draft_ids])[start + k:][None]  # (1, N - start)
             h, logits, _ = module(self.hidden[k - 1][:, start:N], ids, self.model.embed, self.model.head,
                                   self.model.freqs_cis[start:N], cache)  # (1, N-start, D), (1, N-start, V)
             if k < len(self.hidden):

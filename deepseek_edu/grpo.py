@@ -168,23 +168,27 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale: bool = True) -> 
         scale: divide by the group's std (population std, ddof 0, so the advantages of a scaled
             group have mean 0 and variance 1).
     Returns:
-        (N,) float32. A group whose rewards are all equal gives exactly 0 (no 0/0, no epsilon).
+        (N,) float32, computed in float64. A group whose rewards are all equal gives exactly 0 (no 0/0,
+        no epsilon).
     Raises:
         ValueError: on mismatched shapes or float group ids.
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be (N,), got {tuple(rewards.shape)}")
     inv, P = _group_index(group_ids, rewards.numel())
-    r = rewards.float()
-    count = torch.bincount(inv, minlength=P).float()  # (P,)
-    mean = torch.zeros(P).index_add(0, inv, r) / count  # (P,)
+    # float64 throughout: rewards that differ in their last bits (100 vs 100.00001) would otherwise
+    # leave a mean that is off by a rounding step next to deviations of the same size
+    r = rewards.double()
+    inv = inv.to(r.device)
+    count = torch.bincount(inv, minlength=P).double()  # (P,)
+    mean = torch.zeros(P, dtype=torch.float64, device=r.device).index_add(0, inv, r) / count  # (P,)
     centred = r - mean[inv]  # (N,)
     adv = centred
-    equal = equal_reward_groups(r, group_ids)
+    equal = equal_reward_groups(rewards, group_ids).to(r.device)
     if scale:
-        std = (torch.zeros(P).index_add(0, inv, centred**2) / count).sqrt()  # (P,) ddof 0
-        adv = centred / torch.where(equal, torch.ones_like(r), std[inv])
-    return torch.where(equal, torch.zeros_like(adv), adv)
+        std = (torch.zeros(P, dtype=torch.float64, device=r.device).index_add(0, inv, centred**2) / count).sqrt()
+        adv = centred / torch.where(equal, torch.ones_like(r), std[inv])  # std: (P,) ddof 0
+    return torch.where(equal, torch.zeros_like(adv), adv).float()
 
 
 # --- KL and the policy losses ------------------------------------------------------------------------
@@ -208,12 +212,17 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     Args:
         logp, ref_logp: (...) log-probabilities of the same tokens under π_θ and π_ref.
     Returns:
-        (...) k3 values, same dtype as `logp`.
+        (...) k3 values in fp32, or fp64 for fp64 inputs (fp16 and bf16 inputs are upcast). For fp16
+        inputs the exact range ends at 10, not 20, so that the gradient, up to e^bound, fits fp16.
     """
-    d = (ref_logp - logp).clamp(-KL_LOG_RATIO_LIMIT, KL_LOG_RATIO_LIMIT)
-    dc = d.clamp(max=KL_LOG_RATIO_MAX)
-    slope = math.expm1(KL_LOG_RATIO_MAX)  # derivative of exp(d) - d - 1 at the bound
-    return torch.exp(dc) - dc - 1 + slope * F.relu(d - KL_LOG_RATIO_MAX)
+    given = torch.promote_types(logp.dtype, ref_logp.dtype)
+    dtype = torch.promote_types(given, torch.float32)  # fp16 / bf16 inputs: computed in fp32
+    # the bound's slope e^bound must fit the inputs' dtype, where the gradient goes: fp16 caps it at 10
+    bound = min(KL_LOG_RATIO_MAX, math.floor(math.log(torch.finfo(given).max)) - 1)
+    d = (ref_logp.to(dtype) - logp.to(dtype)).clamp(-KL_LOG_RATIO_LIMIT, KL_LOG_RATIO_LIMIT)
+    dc = d.clamp(max=bound)
+    slope = math.expm1(bound)  # derivative of exp(d) - d - 1 at the bound
+    return torch.exp(dc) - dc - 1 + slope * F.relu(d - bound)
 
 
 @dataclass

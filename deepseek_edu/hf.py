@@ -711,8 +711,10 @@ def load_pretrained(folder: str | Path, mtp: bool = True) -> Transformer:
     extra = sorted(k for k in state if k not in wanted)
     if missing or extra:
         mtp = " (MTP modules)" if any(k.startswith("mtp.") for k in extra) else ""
+        hint = ("; a folder written by transformers keeps no MTP weights: load_pretrained(folder, mtp=False) "
+                "loads the main model" if any(k.startswith("mtp.") for k in missing) else "")
         raise ValueError(f"{folder}: weights do not fit Transformer({cfg.n_layers} layers): "
-                         f"missing {missing[:5]}, unexpected {extra[:5]}{mtp}")
+                         f"missing {missing[:5]}, unexpected {extra[:5]}{mtp}{hint}")
     for k in wanted:  # V2 folders have no selection bias: ours stays zero
         state.setdefault(k, wanted[k])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

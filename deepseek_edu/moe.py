@@ -340,9 +340,13 @@ class MoE(nn.Module):
         return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (N*K, D)
 
     def _experts_loop(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
-        """Each `Expert` module once on its contiguous block (x_sorted.split(counts)), then weighted."""
+        """Each `Expert` module once on its contiguous block (x_sorted.split(counts)), then weighted.
+
+        An expert without tokens runs on its empty block too, so that its weights get a zero gradient
+        (not None), as in the grouped GEMM: AdamW then treats idle experts the same on both paths.
+        """
         sizes = counts.tolist()  # host sync: the per-expert GEMM shapes need the block sizes
-        outs = [self.experts[e](block) for e, block in enumerate(x_sorted.split(sizes)) if sizes[e]]
+        outs = [self.experts[e](block) for e, block in enumerate(x_sorted.split(sizes))]
         return torch.cat(outs) * w_sorted.unsqueeze(-1)  # (N*K, D)
 
     def dispatch(self, x: Tensor, routing: Routing, impl: str | None = None) -> tuple[Tensor, Tensor]:
@@ -373,7 +377,7 @@ class MoE(nn.Module):
         run = self._experts_grouped if impl == "grouped" else self._experts_loop
         out_sorted = run(x_sorted, counts, w_sorted)  # (N*K, D), weighted, in x_sorted's order
         y = _sum_slots(_Permute.apply(out_sorted, position, order).view(N, K, -1))  # (N, D)
-        return y, counts
+        return y.to(x.dtype), counts  # x's dtype on both paths, autocast or not
 
     def forward(self, x: Tensor) -> MoEOutput:
         B, S, D = x.shape

@@ -595,7 +595,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch finds no CUDA device; use device='cpu' or 'auto'")
+        raise ValueError("device 'cuda' was asked for, but torch finds no CUDA device; use the CPU ('cpu')")
     return torch.device(name)
 
 

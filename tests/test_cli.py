@@ -234,3 +234,21 @@ def test_train_into_an_unwritable_folder_exits_2_without_traceback(tmp_path, cap
     assert main(["train", *TINY, "--steps", "2", "--sample-tokens", "0", "--out", str(blocker / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_train_refuses_to_replace_a_run_without_resume_or_overwrite(tmp_path, capsys):
+    args = ["train", *TINY, "--steps", "2", "--sample-tokens", "0", "--out", str(tmp_path)]
+    assert main(args) == 0
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*args[:-2], "--n-layers", "2", "--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before  # nothing lost
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_grpo_on_cuda_without_a_gpu_exits_2(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    assert main(["grpo", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -302,3 +302,22 @@ def test_speculative_with_custom_drafts_equals_greedy(n_draft):
         assert out.cache.length == 4 + 18 - 1, name
     half = speculative_generate(model, prompt, 18, n_draft=n_draft, draft=drafts["half"])
     assert half.accepted[0] == half.drafted[0] and sum(half.accepted[1:]) == 0
+
+
+def test_speculative_with_deep_mtp_and_a_short_prompt_equals_greedy():
+    # Depth 3 with a one-token prompt: depth k's first positions read drafts of shallower depths only
+    # (a prompt of N + 1 <= n_draft - 1 tokens); found by review, it used to raise inside the draft.
+    from deepseek_edu.config import ModelConfig
+    from deepseek_edu.generate import generate, speculative_generate
+    from deepseek_edu.model import Transformer
+
+    cfg = ModelConfig(vocab_size=23, dim=32, n_layers=3, n_heads=2, inter_dim=64, max_seq_len=40, attention="mla",
+                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                      n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16, n_expert_groups=4,
+                      n_limited_groups=2, score_func="sigmoid", n_mtp_depth=3)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    for prompt in ([5], [5, 7], [5, 7, 1], [5, 7, 1, 2]):
+        for n in (1, 2, 5, 9):
+            out = speculative_generate(model, prompt, n, n_draft=3)
+            assert torch.equal(out.tokens, generate(model, prompt, n)), (prompt, n)

@@ -282,7 +282,7 @@ def test_kl_k3_monte_carlo_is_the_kl() -> None:
 
 
 @pytest.mark.parametrize("d", [1e4, -1e4, 88.0, 200.0, -200.0, KL_LOG_RATIO_MAX, 1e30, -1e30, math.inf, -math.inf])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_kl_k3_finite_at_extreme_log_ratios(d: float, dtype: torch.dtype) -> None:
     logp = torch.zeros(1, dtype=dtype, requires_grad=True)
     kl = kl_k3(logp, torch.full((1,), d, dtype=dtype))
@@ -563,3 +563,12 @@ def test_sft_lowers_the_loss_and_stops_part_way() -> None:
     supervised_finetune(_tiny_model(4), CharTokenizer(), task, steps=3, batch_size=4, progress=False,
                         on_step=lambda s, l: seen.append(s), schedule_steps=100)
     assert seen == [1, 2, 3]
+
+
+def test_group_advantages_of_nearly_equal_rewards_are_exact() -> None:
+    # Rewards that differ in their last bits: the group mean must not be off by a rounding step.
+    adv = group_advantages(torch.tensor([100.0, 100.00001, 100.0]), torch.tensor([0, 0, 0]))
+    torch.testing.assert_close(adv, torch.tensor([-0.5**0.5, 2**0.5, -0.5**0.5]), atol=1e-3, rtol=0)
+    adv64 = group_advantages(torch.tensor([1.0, 1 + 1e-6, 1.0], dtype=torch.float64), torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(adv64, torch.tensor([-0.5**0.5, 2**0.5, -0.5**0.5]), atol=1e-5, rtol=0)
+    assert abs(float(adv64.double().sum())) < 1e-6
