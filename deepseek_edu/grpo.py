@@ -322,7 +322,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     elif variant == "dr_grpo":
         loss = (per_token.sum(dim=1) / max_tokens).sum() / n_rows
     else:  # dapo
-        loss = per_token.sum() / n_tok.sum().clamp(min=1)
+        # per-output sums first (each row's sum ignores its padding, as in the other variants), then the
+        # rows: a flat sum over (B, T) would change its summation order with the padded width
+        loss = per_token.sum(dim=1).sum() / n_tok.sum().clamp(min=1)
     n_valid = valid.sum()
     denom = n_valid.clamp(min=1).to(logp.dtype)
     with torch.no_grad():

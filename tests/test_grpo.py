@@ -572,3 +572,18 @@ def test_group_advantages_of_nearly_equal_rewards_are_exact() -> None:
     adv64 = group_advantages(torch.tensor([1.0, 1 + 1e-6, 1.0], dtype=torch.float64), torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(adv64, torch.tensor([-0.5**0.5, 2**0.5, -0.5**0.5]), atol=1e-5, rtol=0)
     assert abs(float(adv64.double().sum())) < 1e-6
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+def test_padding_width_never_changes_the_loss_bitwise(variant) -> None:
+    torch.manual_seed(0)
+    B, T = 8, 13
+    logp = torch.randn(B, T)
+    old = logp + 0.1 * torch.randn(B, T)
+    adv, mask = torch.randn(B), torch.rand(B, T) > 0.3
+    base = policy_loss(logp, old, adv, mask, variant=variant, max_tokens=80).loss
+    for extra in (1, 5, 17, 64):
+        def pad(t, v):
+            return torch.cat([t, torch.full((B, extra), v, dtype=t.dtype)], 1)
+        padded = policy_loss(pad(logp, 3.0), pad(old, -2.0), adv, pad(mask, False), variant=variant, max_tokens=80)
+        assert torch.equal(padded.loss, base), (variant, extra)
