@@ -41,7 +41,7 @@ import safetensors
 import torch
 import torch.nn.functional as F
 
-import deepseek_edu.train as train_mod
+import deepseek_edu.checkpoint as checkpoint_mod
 from deepseek_edu.config import ModelConfig, TrainConfig
 from deepseek_edu.data import load_dataset, train_tokenizer
 from deepseek_edu.model import ModelOutput, Transformer
@@ -458,9 +458,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
         raise OSError(f"simulated crash at {fail_at}")
 
     if fail_at == "write":
-        monkeypatch.setattr(train_mod, "_write_chunks", half_then_crash)
+        monkeypatch.setattr(checkpoint_mod, "_write_chunks", half_then_crash)
     else:
-        monkeypatch.setattr(train_mod.os, fail_at, crash)
+        monkeypatch.setattr(checkpoint_mod.os, fail_at, crash)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
     with pytest.raises(OSError, match="simulated"):
@@ -517,7 +517,7 @@ def test_foreign_safetensors_file_and_unknown_version(tmp_path, monkeypatch):
     safetensors.torch.save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(CheckpointError, match="not a deepseek-edu checkpoint"):
         load_checkpoint(foreign)
-    monkeypatch.setattr(train_mod, "CHECKPOINT_VERSION", 99)
+    monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_VERSION", 99)
     _, path = _saved(tmp_path)
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="format version 99"):
