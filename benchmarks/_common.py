@@ -25,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -229,6 +230,24 @@ def datasheet_peak(device: torch.device, dtype_name: str) -> float | None:
 
 
 # --- results ----------------------------------------------------------------------------------------
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How the script was run, for the JSON: `python benchmarks/<script> ARGS`, with the machine's own
+    folders written as variables ($OUT for the device tool's output folder, $TMPDIR, ~), so that no
+    committed result names a path of the machine that made it."""
+    text = " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else list(argv))])
+    for path, name in ((os.environ.get("OUT"), "$OUT"), (tempfile.gettempdir(), "$TMPDIR"),
+                       (str(Path.home()), "~")):
+        if path and len(path) > 1:
+            text = text.replace(path.rstrip("/") + "/", name + "/")
+    return text
+
+
+def seed_stats(values: list[float]) -> dict[str, Any]:
+    """Per-seed values with their mean, sample standard deviation (0 for one seed), min and max."""
+    return {"per_seed": values, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
 def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

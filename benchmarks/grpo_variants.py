@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import machine_info, machine_load, now_utc, write_json  # noqa: E402
+from _common import command_line, machine_info, machine_load, now_utc, write_json  # noqa: E402
 
 from deepseek_edu.config import GRPO_VARIANTS, GRPOConfig  # noqa: E402
 from deepseek_edu.grpo import evaluate, grpo_train, supervised_finetune, task_model_config  # noqa: E402
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {
         "benchmark": "grpo_variants", "created": now_utc(), "machine": machine,
         "load_average_1min_at_end": machine_load(),
-        "command": "python benchmarks/grpo_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("grpo_variants.py", argv),
         "settings": {"task": args.task, "variants": variants, "sft_steps": base.sft_steps,
                      "sft_schedule_steps": base.sft_schedule_steps, "steps": args.steps,
                      "eval_every": args.eval_every, "n_eval": args.n_eval, "seed": args.seed,

@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import machine_info, machine_load, now_utc, write_json  # noqa: E402
+from _common import command_line, machine_info, machine_load, now_utc, seed_stats, write_json  # noqa: E402
 
 from deepseek_edu.config import TrainConfig, get_preset  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
@@ -150,12 +150,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    return {"per_seed": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
 METRICS = ("val_loss", "max_violation_last_mean", "max_violation_final", "max_violation_of_summed_last_load",
            "train_ce_last_mean")
 
@@ -167,7 +161,7 @@ def summarize_arms(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, An
         by_seed = {r["seed"]: r for r in runs if r["arm"] == arm}
         done = [s for s in seeds if s in by_seed]
         if done:
-            out[arm] = {"seeds": done, **{m: _stats([by_seed[s][m] for s in done]) for m in METRICS}}
+            out[arm] = {"seeds": done, **{m: seed_stats([by_seed[s][m] for s in done]) for m in METRICS}}
     return out
 
 
@@ -271,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "benchmark": "moe_balance",
         "created_utc": now_utc(),
-        "command": " ".join(["python", "benchmarks/moe_balance.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line("moe_balance.py", argv),
         "machine": machine_info(device),
         "settings": {"preset": args.preset, "model_config_aux_free": arm_config(args.preset, "aux-free", args.gamma,
                                                                                args.alpha1).to_dict(),

@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
 from _common import (  # noqa: E402
-    machine_info, machine_load, matmul_peak, now_utc, rate, rate_per_cpu_second, summarize, time_repeats, write_json,
+    command_line, machine_info, machine_load, matmul_peak, now_utc, rate, rate_per_cpu_second, summarize, time_repeats, write_json,
 )
 
 from deepseek_edu.config import ModelConfig  # noqa: E402
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "benchmark": "moe_layer",
         "created_utc": now_utc(),
-        "command": " ".join(["python", "benchmarks/moe_layer.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line("moe_layer.py", argv),
         "machine": machine_info(device),
         "settings": {"dim": args.dim, "width_M": args.width, "batch": args.batch, "seq_len": args.seq_len,
                      "tokens": args.batch * args.seq_len, "dtype": str(dtype).removeprefix("torch."),

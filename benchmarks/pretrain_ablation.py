@@ -46,20 +46,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import machine_info, machine_load, now_utc, write_json  # noqa: E402
+from _common import command_line, machine_info, machine_load, now_utc, seed_stats, write_json  # noqa: E402
 
+from deepseek_edu.analysis import count_params  # noqa: E402
 from deepseek_edu.config import TrainConfig, get_preset  # noqa: E402
 
 ARMS = {"deepseek-tiny": "tiny", "dense-tiny": "dense-tiny"}  # arm -> preset
-
-
-def activated_parameters(model: torch.nn.Module) -> int:
-    """Parameters one token uses: all, minus the routed experts it does not choose (n - K per MoE layer)."""
-    idle = 0
-    for m in model.modules():
-        if hasattr(m, "experts") and hasattr(m, "gate"):
-            idle += (m.n_experts - m.topk) * sum(p.numel() for p in m.experts[0].parameters())
-    return sum(p.numel() for p in model.parameters()) - idle
 
 
 def train_config(args: argparse.Namespace, seed: int, out_dir: str) -> TrainConfig:
@@ -88,7 +80,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         final_batches = args.final_eval_batches or 10**9  # 0: every window of the validation split
         full_val = evaluate(trainer.model, dataset.val, trainer.cfg.replace(eval_batches=final_batches))
-        params = {"total": trainer.model.num_parameters(), "activated": activated_parameters(trainer.model)}
+        pc = count_params(model_cfg)  # main model + MTP modules: what one token activates, as they train
+        params = {"total": trainer.model.num_parameters(), "activated": pc.activated + pc.mtp_activated}
     hist = result.history
     last = hist[-max(1, args.steps // 10):]
     mtp_keys = sorted({k for r in hist for k in r if k.startswith("mtp_ce")})
@@ -106,11 +99,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    return {"per_seed": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
-
-
 def summarize(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for arm in ARMS:
@@ -118,7 +106,7 @@ def summarize(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
         done = [s for s in seeds if s in by_seed]
         if done:
             out[arm] = {"seeds": done, "parameters": by_seed[done[0]]["parameters"],
-                        **{m: _stats([by_seed[s][m] for s in done])
+                        **{m: seed_stats([by_seed[s][m] for s in done])
                            for m in ("val_loss", "val_bits_per_char", "train_ce_last_mean", "seconds")}}
     return out
 
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "benchmark": "pretrain_ablation",
         "created_utc": now_utc(),
-        "command": " ".join(["python", "benchmarks/pretrain_ablation.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line("pretrain_ablation.py", argv),
         "machine": machine_info(device),
         "settings": {"arms": ARMS, "model_configs": {a: get_preset(pr).to_dict() for a, pr in ARMS.items()},
                      "steps": args.steps, "seeds": seeds, "batch_size": args.batch_size, "seq_len": args.seq_len,

@@ -51,7 +51,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import machine_info, machine_load, now_utc, summarize, synchronize, time_repeats, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    command_line, machine_info, machine_load, now_utc, summarize, synchronize, time_repeats, write_json,
+)
 
 from deepseek_edu.config import TrainConfig, get_preset  # noqa: E402
 from deepseek_edu.data import load_dataset  # noqa: E402
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "benchmark": "speculative",
         "created_utc": now_utc(),
-        "command": " ".join(["python", "benchmarks/speculative.py"] + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line("speculative.py", argv),
         "machine": machine_info(device),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
             "decode_dtype": str(dtype).removeprefix("torch."), "batch_size_decoding": 1},

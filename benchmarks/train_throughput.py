@@ -61,10 +61,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
 from _common import (  # noqa: E402
-    datasheet_peak, machine_info, machine_load, matmul_peak, now_utc, rate, rate_per_cpu_second, summarize,
+    command_line, datasheet_peak, machine_info, machine_load, matmul_peak, now_utc, rate, rate_per_cpu_second, summarize,
     time_repeats, write_json,
 )
 
+from deepseek_edu.analysis import count_params  # noqa: E402
 from deepseek_edu.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from deepseek_edu.generate import generate  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
@@ -139,20 +140,18 @@ class Schedule:
 # --- FLOP accounting --------------------------------------------------------------------------------
 def parameter_counts(model: Transformer) -> dict[str, int]:
     """Total, embedding and non-embedding parameters (the output head counts as non-embedding), and
-    the non-embedding parameters one token activates (MoE: the K chosen experts of E, plus the
-    shared experts and the gate; the output head once per application: main head + each MTP depth)."""
+    the non-embedding parameters one token activates: `analysis.count_params`'s activated count without
+    the input embedding, plus the MTP modules', plus the output head once more per MTP depth (it is
+    applied again there) and, when it is tied to the embedding, once for the main head."""
+    cfg = model.cfg
+    pc = count_params(cfg)
+    head = model.head.weight.numel()  # V * D, whether or not it is the embedding matrix
     total = model.num_parameters()
-    embedding = model.embed.weight.numel()
-    head = model.head.weight.numel()
-    head_shared = model.cfg.tie_embeddings  # a tied head is the embedding matrix, yet does head FLOPs
-    non_embedding = total - embedding + (head if head_shared else 0)
-    idle = 0  # routed experts a token does not use
-    for moe in [m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")]:
-        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
-        idle += (moe.n_experts - moe.topk) * per_expert
-    mtp_depth = len(getattr(model, "mtp", None) or [])
-    return {"total": total, "embedding": embedding, "non_embedding": non_embedding,
-            "activated_non_embedding": non_embedding - idle + mtp_depth * head}
+    non_embedding = total - pc.embedding + (head if cfg.tie_embeddings else 0)
+    activated = (pc.activated_non_embedding + pc.mtp_activated + (head if cfg.tie_embeddings else 0)
+                 + cfg.n_mtp_depth * head)
+    return {"total": total, "embedding": pc.embedding, "non_embedding": non_embedding,
+            "activated_non_embedding": activated}
 
 
 def model_flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
@@ -439,8 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "benchmark": "train_throughput",
         "created_utc": now_utc(),
-        "command": " ".join(["python", "benchmarks/train_throughput.py"]
-                            + (sys.argv[1:] if argv is None else list(argv))),
+        "command": command_line("train_throughput.py", argv),
         "device": args.device,
         "quick": args.quick,
         "seed": args.seed,

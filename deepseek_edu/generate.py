@@ -64,6 +64,26 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _prompt_tokens(model: Transformer, prompt: Sequence[int] | Tensor, max_new_tokens: int, caller: str) -> Tensor:
+    """The prompt as (B, S0) int64 on the model's device. Raises ValueError for non-integer ids, a shape
+    other than (S0,) / (B, S0), an empty prompt, or prompt + max_new_tokens beyond max_seq_len."""
+    tokens = torch.as_tensor(prompt, device=model.embed.weight.device)
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"prompt must hold integer token ids, got dtype {tokens.dtype}")
+    tokens = tokens.long()
+    tokens = tokens[None] if tokens.dim() == 1 else tokens
+    if tokens.dim() != 2:
+        raise ValueError(f"prompt must be (S0,) or (B, S0), got shape {tuple(tokens.shape)}")
+    S0 = tokens.shape[1]
+    if S0 == 0:
+        raise ValueError(f"{caller} needs a prompt of at least one token")
+    total = S0 + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({S0}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                         f"max_seq_len={model.cfg.max_seq_len}")
+    return tokens
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Sequence[int] | Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None) -> Tensor:
@@ -89,20 +109,9 @@ def generate(model: Transformer, prompt: Sequence[int] | Tensor, max_new_tokens:
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    tokens = torch.as_tensor(prompt, device=device)
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise ValueError(f"prompt must hold integer token ids, got dtype {tokens.dtype}")
-    tokens = tokens.long()
-    tokens = tokens[None] if tokens.dim() == 1 else tokens
-    if tokens.dim() != 2:
-        raise ValueError(f"prompt must be (S0,) or (B, S0), got shape {tuple(tokens.shape)}")
+    tokens = _prompt_tokens(model, prompt, max_new_tokens, "generate")
     B, S0 = tokens.shape
-    if S0 == 0:
-        raise ValueError("generate needs a prompt of at least one token")
     total = S0 + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({S0}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                         f"max_seq_len={model.cfg.max_seq_len}")
     generator = None
     if temperature > 0 and seed is not None:
         generator = torch.Generator(device=device)
@@ -291,21 +300,12 @@ def speculative_generate(model: Transformer, prompt: Sequence[int] | Tensor, max
         raise ValueError(f"n_draft={n_draft!r} must be an integer in [1, {limit if limit is not None else 'inf'}]"
                          + (" (one draft per MTP depth)" if limit is not None else ""))
     device = model.embed.weight.device
-    tokens = torch.as_tensor(prompt, device=device)
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise ValueError(f"prompt must hold integer token ids, got dtype {tokens.dtype}")
-    tokens = tokens.long()
-    tokens = tokens[None] if tokens.dim() == 1 else tokens
-    if tokens.dim() != 2 or tokens.shape[0] != 1:
+    tokens = _prompt_tokens(model, prompt, max_new_tokens, "speculative_generate")
+    if tokens.shape[0] != 1:
         raise ValueError(f"speculative_generate supports batch size 1 only: prompt must be (S0,) or (1, S0), "
                          f"got shape {tuple(tokens.shape)}")
     S0 = tokens.shape[1]
-    if S0 == 0:
-        raise ValueError("speculative_generate needs a prompt of at least one token")
     total = S0 + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({S0}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                         f"max_seq_len={model.cfg.max_seq_len}")
     V = model.cfg.vocab_size
     was_training = model.training
     model.eval()

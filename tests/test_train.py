@@ -244,6 +244,16 @@ def _rng_drawing_callback(draws: list):
     return callback
 
 
+def _stop_save_resume(mcfg, tcfg, dataset, at: int) -> Trainer:
+    """Train to step `at`, save, then finish in a new Trainer resumed from that checkpoint."""
+    first = Trainer(mcfg, tcfg, progress=False, dataset=dataset)
+    first.fit(until=at)
+    first.save()
+    second = Trainer(mcfg, tcfg, resume=True, progress=False, dataset=dataset)
+    second.fit()
+    return second
+
+
 def _assert_same_state(a: Trainer, b: Trainer) -> None:
     for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(p, q), f"parameter {name} differs: max |diff| = {(p - q).abs().max().item():.3e}"
@@ -328,12 +338,7 @@ def test_moe_router_bias_moves_every_step_and_resumes_exactly(dataset, tmp_path)
     assert all(r["max_violation"] >= 0 for r in straight.history)
     assert "layers.1.ffn.gate.bias" in load_checkpoint(straight.checkpoint_path).model_state
 
-    tcfg = tcfg.replace(out_dir=str(tmp_path / "resumed"))
-    first = Trainer(mcfg, tcfg, progress=False, dataset=dataset)
-    first.fit(until=2)
-    first.save()
-    second = Trainer(mcfg, tcfg, resume=True, progress=False, dataset=dataset)
-    second.fit()
+    second = _stop_save_resume(mcfg, tcfg.replace(out_dir=str(tmp_path / "resumed")), dataset, at=2)
     _assert_same_state(straight, second)
     assert torch.equal(bias, second.model.layers[1].ffn.gate.bias)
 
@@ -370,12 +375,7 @@ def test_mtp_model_trains_logs_each_depth_and_resumes_exactly(dataset, tmp_path)
         a, b = model(x), straight.model.eval()(x)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.mtp_logits[1], b.mtp_logits[1])
 
-    tcfg = tcfg.replace(out_dir=str(tmp_path / "resumed"))
-    first = Trainer(mcfg, tcfg, progress=False, dataset=dataset)
-    first.fit(until=2)
-    first.save()
-    second = Trainer(mcfg, tcfg, resume=True, progress=False, dataset=dataset)
-    second.fit()
+    second = _stop_save_resume(mcfg, tcfg.replace(out_dir=str(tmp_path / "resumed")), dataset, at=2)
     straight.model.train()
     _assert_same_state(straight, second)
     assert [r["mtp_ce_2"] for r in straight.history] == [r["mtp_ce_2"] for r in second.history]
