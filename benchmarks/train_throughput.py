@@ -69,7 +69,7 @@ from deepseek_edu.analysis import count_params  # noqa: E402
 from deepseek_edu.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from deepseek_edu.generate import generate  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
-from deepseek_edu.train import extra_loss_terms  # noqa: E402
+from deepseek_edu.train import extra_loss_terms, make_optimizer  # noqa: E402
 
 FLOPS_FORMULA = ("model FLOPs per token = 6 * N_activated_non_embedding + 6 * n_attn_layers * n_heads * "
                  "(d_qk + d_v) * seq_len (PaLM, Chowdhery et al. 2022, appendix B; N = the parameters one "
@@ -176,14 +176,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW as the course trains: decoupled weight decay on matrices only, not on norm weights."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": tc.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
-
-
 def random_batches(vocab_size: int, batch: int, seq_len: int, n: int, device: torch.device,
                    seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` seeded (inputs, targets) pairs of random ids, each (batch, seq_len), targets shifted by one."""
@@ -192,20 +184,31 @@ def random_batches(vocab_size: int, batch: int, seq_len: int, n: int, device: to
     return [(ids[i, :, :-1], ids[i, :, 1:]) for i in range(n)]
 
 
-def bench_training(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, compile_model: bool,
+COMPILE_MODES = {None: "eager", "default": "compile", "reduce-overhead": "compile-cudagraphs"}
+
+
+def bench_training(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype, compile_mode: str | None,
                    device: torch.device, warmup: int, repeats: int, steps: int, seed: int) -> dict[str, Any]:
-    """Tokens/s of full optimizer steps; returns figures, warmup times, losses and peak memory."""
+    """Tokens/s of full optimizer steps; returns figures, warmup times, losses and peak memory.
+
+    `compile_mode`: None = eager; else `torch.compile(model, mode=compile_mode)` ("default", or
+    "reduce-overhead", which replays the compiled forward and backward as CUDA graphs). The number
+    of graph breaks torch.compile met is recorded (0 = the whole forward is one graph).
+    """
     torch.manual_seed(seed)
     tc = TrainConfig()
     model = Transformer(cfg).to(device)
     model.train()
     opt = make_optimizer(model, tc)
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
     batches = itertools.cycle(random_batches(cfg.vocab_size, batch, seq_len, 4, device, seed))
     losses: list[torch.Tensor] = []
 
     def step() -> torch.Tensor:
         x, y = next(batches)
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
         with autocast(device, dtype):
             out = forward(x)  # logits (B, S, V) fp32
         # train.lm_loss's total without its .item() calls (a host sync per step): CE + aux + MTP terms
@@ -234,7 +237,7 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtyp
     tokens = steps * batch * seq_len
     result: dict[str, Any] = {
         "dtype": "float32" if dtype == torch.float32 else "bfloat16 autocast",
-        "compile": compile_model,
+        "compile": compile_mode or False,
         "steps_per_sample": steps,
         "tokens_per_s": rate(tokens, timing, "tokens/s"),
         "step_time_s": summarize([t / steps for t in timing.samples_s], "s"),
@@ -243,6 +246,8 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtyp
     }
     if device.type == "cpu":
         result["tokens_per_cpu_s"] = rate_per_cpu_second(tokens, timing, "tokens")
+    if compile_mode:
+        result["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
     if device.type == "cuda":
         result["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     del model, opt, forward
@@ -361,7 +366,7 @@ def add_mfu(variant: dict[str, Any], flops_per_token: int, peaks: dict[str, Any]
                                    / _median(peaks["measured"][peak_dtype]["flops_per_cpu_s"]))
 
 
-def run_model(name: str, cfg: ModelConfig, batch: int, seq_len: int, variants: list[tuple[torch.dtype, bool]],
+def run_model(name: str, cfg: ModelConfig, batch: int, seq_len: int, variants: list[tuple[torch.dtype, str | None]],
               device: torch.device, warmup: int, repeats: int, steps: int, peaks: dict[str, Any],
               seed: int) -> dict[str, Any]:
     """All training variants of one model; compile failures are recorded, not raised."""
@@ -372,20 +377,20 @@ def run_model(name: str, cfg: ModelConfig, batch: int, seq_len: int, variants: l
         "parameters": parameter_counts(probe), "model_flops_per_token": flops, "training": {},
     }
     del probe
-    for dtype, compile_model in variants:
-        key = f"{'fp32' if dtype == torch.float32 else 'bf16'}-{'compile' if compile_model else 'eager'}"
+    for dtype, compile_mode in variants:
+        key = f"{'fp32' if dtype == torch.float32 else 'bf16'}-{COMPILE_MODES[compile_mode]}"
         print(f"[{name}] training {key} ...", flush=True)
         try:
-            v = bench_training(cfg, batch, seq_len, dtype, compile_model, device, warmup, repeats, steps,
+            v = bench_training(cfg, batch, seq_len, dtype, compile_mode, device, warmup, repeats, steps,
                                seed)
         except Exception as exc:  # noqa: BLE001 -- torch.compile may be unavailable; eager errors re-raise
-            if not compile_model:
+            if not compile_mode:
                 raise
             section["training"][key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             print(f"[{name}] {key} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
         finally:
-            if compile_model:
+            if compile_mode:
                 torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -396,12 +401,39 @@ def run_model(name: str, cfg: ModelConfig, batch: int, seq_len: int, variants: l
     ratios = {}
     if "bf16-eager" in t and "fp32-eager" in t:
         ratios["bf16-eager / fp32-eager"] = t["bf16-eager"] / t["fp32-eager"]
-    if "bf16-compile" in t and "bf16-eager" in t:
-        ratios["bf16-compile / bf16-eager"] = t["bf16-compile"] / t["bf16-eager"]
+    for key in ("bf16-compile", "bf16-compile-cudagraphs"):
+        if key in t and "bf16-eager" in t:
+            ratios[f"{key} / bf16-eager"] = t[key] / t["bf16-eager"]
     if "fp32-compile" in t and "fp32-eager" in t:
         ratios["fp32-compile / fp32-eager"] = t["fp32-compile"] / t["fp32-eager"]
     section["training_ratios"] = ratios
     return section
+
+
+def _baseline_section(models: dict[str, Any], variants: list[tuple[torch.dtype, str | None]], device: torch.device,
+                      on_cuda: bool, sched: Schedule, peaks: dict[str, Any], seed: int) -> None:
+    """The default model: its training variants, then generation cached vs full recompute."""
+    tc = TrainConfig()
+    cfg = PRESETS["baseline"]
+    models["baseline"] = run_model("baseline", cfg, tc.batch_size, tc.seq_len, variants, device,
+                                   sched.train_warmup, sched.train_repeats, sched.train_steps, peaks,
+                                   seed)
+
+    # generation, cached vs full recompute
+    torch.manual_seed(seed)
+    model = Transformer(cfg).to(device).eval()
+    gen: dict[str, Any] = {}
+    for dtype in ([torch.float32, torch.bfloat16] if on_cuda else [torch.float32]):
+        for batch in GEN_BATCHES:
+            key = f"{'fp32' if dtype == torch.float32 else 'bf16'}-batch{batch}"
+            print(f"[baseline] generation {key} ...", flush=True)
+            gen[key] = bench_generation(model, batch, dtype, device, sched, seed)
+    if on_cuda:  # on a CPU the check's host read costs nothing measurable
+        print("[baseline] generation diagnostic: no input check ...", flush=True)
+        gen["diagnostic_fp32-batch1-cached-no-input-check"] = bench_generation_without_input_check(
+            model, torch.float32, device, sched, seed)
+    models["baseline"]["generation"] = gen
+    del model
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -414,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="torch.compile variants: auto = on CUDA only")
     parser.add_argument("--large", choices=("auto", "on", "off"), default="auto",
                         help=f"also train {LARGE_NAME}: auto = on CUDA only")
+    parser.add_argument("--baseline", choices=("on", "off"), default="on",
+                        help="train and decode PRESETS['baseline'] (off: only the large and small sections)")
     parser.add_argument("--small", choices=("auto", "on", "off"), default="auto",
                         help="also train PRESETS['small'] against its dense counterpart: auto = on CUDA only")
     parser.add_argument("--threads", type=int, default=0,
@@ -477,35 +511,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1. The default model: training variants (the same for the large model). fp32 eager is the
     # baseline everywhere; bf16 autocast only on CUDA (CPUs without bf16 matrix units run it slower
     # than fp32).
-    variants = [(torch.float32, False)]
+    variants: list[tuple[torch.dtype, str | None]] = [(torch.float32, None)]
     if on_cuda:
-        variants.append((torch.bfloat16, False))
+        variants.append((torch.bfloat16, None))
     if use_compile:
-        variants.append((torch.bfloat16 if on_cuda else torch.float32, True))
-    cfg = PRESETS["baseline"]
+        variants.append((torch.bfloat16 if on_cuda else torch.float32, "default"))
     models: dict[str, Any] = {}
     payload["models"] = models
-    models["baseline"] = run_model("baseline", cfg, tc.batch_size, tc.seq_len, variants, device,
-                                   sched.train_warmup, sched.train_repeats, sched.train_steps, peaks,
-                                   args.seed)
-    save()
-
-    # 2. The default model: generation, cached vs full recompute.
-    torch.manual_seed(args.seed)
-    model = Transformer(cfg).to(device).eval()
-    gen: dict[str, Any] = {}
-    for dtype in ([torch.float32, torch.bfloat16] if on_cuda else [torch.float32]):
-        for batch in GEN_BATCHES:
-            key = f"{'fp32' if dtype == torch.float32 else 'bf16'}-batch{batch}"
-            print(f"[baseline] generation {key} ...", flush=True)
-            gen[key] = bench_generation(model, batch, dtype, device, sched, args.seed)
-    if on_cuda:  # on a CPU the check's host read costs nothing measurable
-        print("[baseline] generation diagnostic: no input check ...", flush=True)
-        gen["diagnostic_fp32-batch1-cached-no-input-check"] = bench_generation_without_input_check(
-            model, torch.float32, device, sched, args.seed)
-    models["baseline"]["generation"] = gen
-    del model
-    save()
+    if args.baseline == "on":
+        _baseline_section(models, variants, device, on_cuda, sched, peaks, args.seed)
+        save()
 
     # 3. A larger dense model that can fill a GPU, so that MFU means something.
     if use_large:
@@ -518,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if use_small:
         small = PRESETS["small"]
         small_variants = [v for v in variants if v[0] != torch.float32] or variants  # bf16 on CUDA
+        if on_cuda and use_compile:  # both models are host-bound at this size: CUDA graphs remove that
+            small_variants.append((torch.bfloat16, "reduce-overhead"))
         batch, seq_len = (2, 64) if args.quick else (SMALL_BATCH, SMALL_SEQ_LEN)
         warm, reps, steps = max(1, sched.train_warmup // 2), sched.large_repeats, sched.large_steps
         models["small"] = run_model("small", small, batch, seq_len, small_variants, device, warm, reps, steps,

@@ -195,9 +195,14 @@ class Transformer(nn.Module):
                              f"{tokens.dtype}")
         if tokens.shape[0] == 0 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must hold at least one position and one row, got shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+        # The id range needs the values on the host: one read (a GPU sync) in eager mode. Under
+        # torch.compile it is skipped, because a host read would split the graph; an id out of range
+        # then fails in the embedding lookup instead (an IndexError on CPU, a device assert on CUDA).
+        if not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())
+            if low < 0 or high >= self.cfg.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
         if start_pos + tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence too long: positions {start_pos}..{start_pos + tokens.shape[1] - 1} "
                              f"exceed max_seq_len={self.cfg.max_seq_len}")

@@ -139,6 +139,17 @@ def update_bias(bias: Tensor, load: Tensor, speed: float) -> Tensor:
     return bias
 
 
+def expert_counts(indices: Tensor, n_experts: int) -> Tensor:
+    """Tokens routed to each expert: indices (...,) int64 in [0, E) -> (E,) int64 counts.
+
+    A scatter-add of ones into E fixed slots. Unlike `torch.bincount`, whose output length depends on
+    the largest index, the shape is known before the data, so `torch.compile` traces it into the
+    graph instead of breaking it there (integer adds, so the counts are exact on every run).
+    """
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def max_violation(load: Tensor) -> float:
     """MaxVio = (max_i load_i - mean load) / mean load; 0 for a perfect balance (V3 §4.5.2)."""
     load = load.float()
@@ -182,7 +193,7 @@ def expert_balance_loss(scores: Tensor, indices: Tensor, n_experts: int, topk: i
         () fp32; 1 for a perfectly balanced load.
     """
     N = scores.shape[0]
-    counts = torch.bincount(indices.flatten(), minlength=n_experts).float()  # (E,)
+    counts = expert_counts(indices, n_experts).float()  # (E,)
     f = counts * n_experts / (topk * N)
     p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)  # (E,)
     return (f * p).sum()
@@ -258,7 +269,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def grouped_mm_available(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
     """Whether `torch._grouped_mm` (one launch for all experts' GEMMs) serves this device and dtype.
 
-    CPU: fp32 or bf16 (torch's reference implementation). CUDA: bf16 on compute capability >= 9.0
+    CPU: fp32 or bf16 (torch's reference implementation); under `torch.compile` bf16 only, because
+    torch's shape function for the op accepts nothing else. CUDA: bf16 on compute capability >= 9.0
     (Hopper's grouped GEMM kernel). Every matrix width in `widths` (here dim and moe_inter_dim) must
     be a multiple of 16 bytes, which the kernels require of the strides. Elsewhere the loop is used.
     """
@@ -268,9 +280,14 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype, *widths: int)
     if any(w * itemsize % 16 for w in widths):
         return False
     if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
-    return (device.type == "cuda" and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
+    return device.type == "cuda" and dtype == torch.bfloat16 and _cuda_major(device.index or 0) >= 9
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    """The compute capability's major number of CUDA device `index`; a constant to `torch.compile`."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 class MoE(nn.Module):
@@ -371,7 +388,7 @@ class MoE(nn.Module):
         order = flat_experts.argsort(stable=True)  # (N*K,) sorted position -> pair
         position = torch.empty_like(order).index_copy_(  # (N*K,) pair -> sorted position (inverse of order)
             0, order, torch.arange(N * K, device=order.device))
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,) tokens per expert
+        counts = expert_counts(flat_experts, self.n_experts)  # (E,) tokens per expert
         x_sorted = _GatherPairs.apply(x, order, position, K)  # (N*K, D) expert after expert
         w_sorted = _Permute.apply(routing.weights.flatten().to(x.dtype), order, position)  # (N*K,)
         run = self._experts_grouped if impl == "grouped" else self._experts_loop

@@ -133,12 +133,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
     Parameters with >= 2 dimensions (projections, embedding, head) decay; vectors (RMSNorm
     weights, biases) do not -- decaying a norm's gain towards 0 only fights the normalisation.
-    A tied head is one parameter and is listed once.
+    A tied head is one parameter and is listed once. When every parameter is on a CUDA device the
+    fused implementation is used (a few kernel launches for the whole update instead of several per
+    group of tensors; the same update up to rounding), else torch's default for the device.
+    Call it after moving the model to its device.
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    fused = all(p.is_cuda for p in decay + no_decay) or None  # None: torch picks foreach or for-loop
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 # --- loss and evaluation -------------------------------------------------------------------------------
