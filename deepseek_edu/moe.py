@@ -419,10 +419,11 @@ class MoE(nn.Module):
     def update_bias(self) -> Tensor:
         """Apply `update_bias` with the load gathered since the last call (once per optimizer step).
 
-        Returns the load used (E,); a no-op on the bias when bias_update_speed == 0 or nothing was routed.
+        Returns the load used (E,); a no-op on the bias when bias_update_speed == 0 or nothing was routed
+        (every load 0: sign(0 - 0) = 0 moves no bias). No host read, so no GPU sync per step.
         """
         load = self.load_since_update.to(torch.float32, copy=True)  # (E,) fp32 copy (zeroed below)
-        if self.bias_update_speed > 0 and load.sum() > 0:
+        if self.bias_update_speed > 0:
             update_bias(self.gate.bias, load, self.bias_update_speed)
         self.load_since_update.zero_()
         return load
