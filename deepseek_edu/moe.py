@@ -267,6 +267,55 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """Every expert's linear map in one grouped GEMM: y[rows of e] = x[rows of e] @ w[e]^T.
+
+    Shapes: x (T, D_in) with the rows of expert e in the block offs[e-1]:offs[e] (offs (E,) int32,
+    cumulative, on the device), w (E, D_out, D_in) -> y (T, D_out). Backward: grad_x is again one
+    grouped GEMM over the row blocks; grad_w[e] = grad_y[block e]^T @ x[block e] sums over the rows of
+    expert e, so its GEMM is grouped along the *inner* dimension, and one GEMM tile of a busy expert
+    runs through all that expert's rows while the tiles of idle experts are done. With `splits` > 1
+    each block is cut into that many consecutive sub-blocks of (nearly) equal size, summed afterwards
+    in fp32: the same sum in another order, with the work of a busy expert spread over `splits` times
+    more tiles (on the H200, benchmarks/profile_train_step.py; a router is seldom balanced early on).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, splits: int) -> Tensor:
+        ctx.save_for_backward(x, w, offs)
+        ctx.splits = splits
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch._grouped_mm(grad, w, offs=offs)  # (T, D_in)
+        n_experts, d_out, d_in = w.shape
+        s = ctx.splits
+        if s > 1:  # sub-block j of expert e ends at start_e + floor(j * count_e / s), j = 1..s
+            ends = offs.long()
+            counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,)
+            parts = torch.arange(1, s + 1, device=offs.device)  # (s,)
+            sub_offs = ((ends - counts)[:, None] + counts[:, None] * parts // s).flatten().to(torch.int32)
+            partial = torch._grouped_mm(grad.t(), x, offs=sub_offs)  # (E*s, D_out, D_in)
+            grad_w = partial.view(n_experts, s, d_out, d_in).float().sum(dim=1).to(w.dtype)
+        else:
+            grad_w = torch._grouped_mm(grad.t(), x, offs=offs)  # (E, D_out, D_in)
+        return grad_x, grad_w, None, None
+
+
+def wgrad_splits(device: torch.device, d_out: int, d_in: int) -> int:
+    """Sub-blocks per expert for the weight gradient of `_GroupedLinear` (1 = none).
+
+    4 on CUDA for matrices under 2^20 entries, whose 128 x 128 tiles are few per expert, so that a
+    busy expert's rows would otherwise keep a handful of SMs working while the rest wait; 1 for larger
+    matrices (enough tiles already; the partial sums would cost `splits` times the gradient's memory)
+    and on CPU (torch's reference kernel loops over the groups).
+    """
+    return 4 if device.type == "cuda" and d_out * d_in < 2**20 else 1
+
+
 DISPATCH_IMPLS = ("auto", "grouped", "loop")
 
 
@@ -314,6 +363,8 @@ class MoE(nn.Module):
     launch per expert and matrix, and a host sync for the block sizes); "grouped" runs all experts'
     GEMMs as one `torch._grouped_mm` per matrix, with the block sizes kept on the device; "auto"
     (default) picks "grouped" where `grouped_mm_available`, else "loop". Both give the same output.
+    Attribute `wgrad_splits`: on the grouped path, how many sub-blocks each expert's rows are cut into
+    for the weight gradient (`_GroupedLinear`); 0 (default) = `wgrad_splits(device, m, D)`.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -324,6 +375,7 @@ class MoE(nn.Module):
         self.bias_update_speed = cfg.bias_update_speed
         self.seq_aux_loss_alpha, self.expert_aux_loss_alpha = cfg.seq_aux_loss_alpha, cfg.expert_aux_loss_alpha
         self.dispatch_impl = "auto"
+        self.wgrad_splits = 0  # grouped path: sub-blocks per expert in the weight gradient; 0 = `wgrad_splits`
         self.gate = Gate(cfg)
         self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
         self.shared_experts = (Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
@@ -362,10 +414,11 @@ class MoE(nn.Module):
         w3 = torch.stack([e.w3.weight for e in self.experts]).to(dtype)  # (E, m, D)
         w2 = torch.stack([e.w2.weight for e in self.experts]).to(dtype)  # (E, D, m)
         x_sorted = x_sorted.to(dtype)
-        a = torch._grouped_mm(x_sorted, w1.transpose(1, 2), offs=offs)  # (N*K, m)
-        b = torch._grouped_mm(x_sorted, w3.transpose(1, 2), offs=offs)  # (N*K, m)
+        splits = self.wgrad_splits or wgrad_splits(x_sorted.device, *w1.shape[1:])
+        a = _GroupedLinear.apply(x_sorted, w1, offs, splits)  # (N*K, m)
+        b = _GroupedLinear.apply(x_sorted, w3, offs, splits)  # (N*K, m)
         h = F.silu(a) * b * w_sorted.to(dtype).unsqueeze(-1)  # (N*K, m)
-        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (N*K, D)
+        return _GroupedLinear.apply(h, w2, offs, splits)  # (N*K, D)
 
     def _experts_loop(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
         """Each `Expert` module once on its contiguous block (x_sorted.split(counts)), then weighted.

@@ -436,10 +436,13 @@ def test_dispatch_runs_each_expert_once_on_its_tokens():
     assert sum(1 for e in seen if seen[e] and seen[e][0].shape[0]) == int((out.load > 0).sum())
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_dispatch_equals_loop_forward_and_gradients(dtype):
+def test_grouped_dispatch_equals_loop_forward_and_gradients(dtype, splits):
     # The grouped GEMM path and the per-expert loop: same output, same gradients for x, every expert
     # matrix, the gate weight and the shared expert. One expert gets no token (an empty group).
+    # splits = 3: each expert's weight gradient summed from 3 sub-blocks of its rows (some of them
+    # empty: several experts get fewer than 3 rows) -- the same gradient.
     cfg = _cfg(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=3)
     loop = _moe(cfg).to(dtype).train()
     with torch.no_grad():
@@ -447,6 +450,7 @@ def test_grouped_dispatch_equals_loop_forward_and_gradients(dtype):
     grouped = MoE(cfg).to(dtype).train()
     grouped.load_state_dict(loop.state_dict())
     loop.dispatch_impl, grouped.dispatch_impl = "loop", "grouped"
+    grouped.wgrad_splits = splits
     x = torch.randn(2, 13, cfg.dim, dtype=dtype)
     g = torch.randn_like(x)
     outs, grads = [], []
