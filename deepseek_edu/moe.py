@@ -305,15 +305,20 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def wgrad_splits(device: torch.device, d_out: int, d_in: int) -> int:
+def wgrad_splits(device: torch.device, n_experts: int, d_out: int, d_in: int) -> int:
     """Sub-blocks per expert for the weight gradient of `_GroupedLinear` (1 = none).
 
-    4 on CUDA for matrices under 2^20 entries, whose 128 x 128 tiles are few per expert, so that a
-    busy expert's rows would otherwise keep a handful of SMs working while the rest wait; 1 for larger
-    matrices (enough tiles already; the partial sums would cost `splits` times the gradient's memory)
-    and on CPU (torch's reference kernel loops over the groups).
+    On CUDA, when all experts' (d_out, d_in) gradients together hold fewer than 1,024 output tiles of
+    128 x 128 (a few waves of an H200's 132 SMs), as many sub-blocks (at most 4) as bring them near
+    1,024: with so few tiles, the tiles of a busy expert would run on alone at the end. Else 1: the
+    tiles already keep the GPU busy, and the partial sums cost `splits` times the gradient's memory
+    (measured slower for 64 experts at D 2048, benchmarks/moe_layer.py). 1 on CPU, where torch's
+    reference kernel loops over the groups.
     """
-    return 4 if device.type == "cuda" and d_out * d_in < 2**20 else 1
+    if device.type != "cuda":
+        return 1
+    tiles = n_experts * -(-d_out // 128) * -(-d_in // 128)
+    return max(1, min(4, 1024 // tiles))
 
 
 DISPATCH_IMPLS = ("auto", "grouped", "loop")
@@ -364,7 +369,7 @@ class MoE(nn.Module):
     GEMMs as one `torch._grouped_mm` per matrix, with the block sizes kept on the device; "auto"
     (default) picks "grouped" where `grouped_mm_available`, else "loop". Both give the same output.
     Attribute `wgrad_splits`: on the grouped path, how many sub-blocks each expert's rows are cut into
-    for the weight gradient (`_GroupedLinear`); 0 (default) = `wgrad_splits(device, m, D)`.
+    for the weight gradient (`_GroupedLinear`); 0 (default) = `wgrad_splits(device, E, m, D)`.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -414,7 +419,7 @@ class MoE(nn.Module):
         w3 = torch.stack([e.w3.weight for e in self.experts]).to(dtype)  # (E, m, D)
         w2 = torch.stack([e.w2.weight for e in self.experts]).to(dtype)  # (E, D, m)
         x_sorted = x_sorted.to(dtype)
-        splits = self.wgrad_splits or wgrad_splits(x_sorted.device, *w1.shape[1:])
+        splits = self.wgrad_splits or wgrad_splits(x_sorted.device, *w1.shape)
         a = _GroupedLinear.apply(x_sorted, w1, offs, splits)  # (N*K, m)
         b = _GroupedLinear.apply(x_sorted, w3, offs, splits)  # (N*K, m)
         h = F.silu(a) * b * w_sorted.to(dtype).unsqueeze(-1)  # (N*K, m)
