@@ -57,9 +57,12 @@ class Routing:
 def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries along the last axis, largest first: (values, int64 indices), each (..., k).
 
-    What `torch.topk` returns, with ties going to the lower index. Written as a stable sort: a
-    routing row holds only a few dozen entries, and on the H200 the sort of such rows measured
-    faster than torch's top-k kernel (`benchmarks/profile_train_step.py`).
+    The values `torch.topk` returns, and its indices wherever no two values tie; on a tie the lower
+    index wins (torch.topk leaves that order unspecified, and it differs between CPU and CUDA).
+    Exact ties do happen in fp32 routing: in notebook 07's run two group scores were equal at step
+    21, a chance of about one in a million per comparison, met often enough over millions of them.
+    Written as a stable sort: a routing row holds only a few dozen entries, and on the H200 the sort
+    of such rows measured faster than torch's top-k kernel (`benchmarks/profile_train_step.py`).
     """
     values, indices = x.sort(dim=-1, descending=True, stable=True)
     return values[..., :k], indices[..., :k]
