@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu wit
 from _common import command_line, machine_info, now_utc, write_json  # noqa: E402
 from train_throughput import SMALL_BATCH, SMALL_SEQ_LEN, autocast, dense_counterpart, random_batches  # noqa: E402
 
-from deepseek_edu.config import TrainConfig, get_preset  # noqa: E402
+from deepseek_edu.config import PRESETS, TrainConfig, get_preset  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
 from deepseek_edu.train import extra_loss_terms, make_optimizer  # noqa: E402
 
@@ -76,6 +76,11 @@ def profile(preset: str, dense: bool, compile_mode: str | None, device: torch.de
     rows: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
         t = e.self_device_time_total if on_device else e.self_cpu_time_total  # microseconds
+        # On the device a `record_function` range (torch.optim's "Optimizer.step#AdamW.step", say) shows
+        # up as a GPU user annotation spanning the kernels it launched: counting it would count those
+        # kernels twice. On the host its self time is its own and stays.
+        if on_device and getattr(e, "is_user_annotation", False):
+            continue
         if t > 0 and (not on_device or e.device_type == torch.autograd.DeviceType.CUDA):
             rows[e.key][0] += t
             rows[e.key][1] += e.count
@@ -94,7 +99,8 @@ def profile(preset: str, dense: bool, compile_mode: str | None, device: torch.de
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--preset", default="small",
+                        choices=[name for name in PRESETS if not name.startswith("deepseek-")])
     parser.add_argument("--dense", action="store_true", help="its dense counterpart at equal activated parameters")
     parser.add_argument("--compile", choices=("off", "default"), default="off")
     parser.add_argument("--batch", type=int, default=SMALL_BATCH)
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--device cuda but torch.cuda.is_available() is False")
     if min(args.batch, args.seq_len, args.warmup, args.steps, args.top) < 1:
         parser.error("--batch, --seq-len, --warmup, --steps and --top must be >= 1")
+    if args.seq_len > PRESETS[args.preset].max_seq_len:
+        parser.error(f"--seq-len={args.seq_len} exceeds the preset's max_seq_len={PRESETS[args.preset].max_seq_len}")
     device = torch.device(args.device)
     result = profile(args.preset, args.dense, None if args.compile == "off" else args.compile, device,
                      args.batch, args.seq_len, args.warmup, args.steps, args.top)

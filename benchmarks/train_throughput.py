@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "on matrices), synthetic random token ids; bf16 = torch.autocast, fp32 master "
                              "weights; "
                              "compile = torch.compile(model) in its default mode (no max-autotune, no CUDA "
-                             "graphs), the optimizer step eager; fp32 = true fp32 matmuls (no TF32)",
+                             "graphs), compile-cudagraphs = mode 'reduce-overhead' (forward and backward "
+                             "replayed as CUDA graphs), the optimizer step eager in both; fp32 = true fp32 matmuls (no TF32)",
             "generation": "greedy; cached = deepseek_edu.generate.generate (prefill + one position per step "
                           "on the KV cache); uncached = the whole prefix recomputed for each new token",
             "flops_per_token": FLOPS_FORMULA,

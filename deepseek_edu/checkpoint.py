@@ -285,6 +285,9 @@ def _decode(path: Path, tensors: dict[str, Tensor], raw: dict[str, str]) -> Chec
         rng_meta=meta["rng"])
 
 
+_OPTIM_IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")  # not part of a run's state
+
+
 def load_checkpoint(path: str | Path, model: Transformer | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -338,7 +341,14 @@ def load_checkpoint(path: str | Path, model: Transformer | None = None,
         if optimizer is not None:
             if ckpt.optimizer_state is None:
                 raise CheckpointError(f"checkpoint {path} holds no optimizer state")
-            optimizer.load_state_dict(ckpt.optimizer_state)
+            # How the optimizer steps (fused, foreach, capturable) belongs to this process's device
+            # (`train.make_optimizer` picks it), not to the saved run: keep the new optimizer's choice,
+            # else a run resumed on CUDA from a CPU checkpoint would step unfused, and one resumed on
+            # the CPU from a CUDA checkpoint fused.
+            state = dict(ckpt.optimizer_state)
+            state["param_groups"] = [{**saved, **{k: current[k] for k in _OPTIM_IMPL_KEYS if k in current}}
+                                     for saved, current in zip(state["param_groups"], optimizer.param_groups)]
+            optimizer.load_state_dict(state)
         if scheduler is not None:
             if ckpt.scheduler_state is None:
                 raise CheckpointError(f"checkpoint {path} holds no scheduler state")

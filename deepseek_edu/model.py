@@ -197,7 +197,9 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must hold at least one position and one row, got shape {tuple(tokens.shape)}")
         # The id range needs the values on the host: one read (a GPU sync) in eager mode. Under
         # torch.compile it is skipped, because a host read would split the graph; an id out of range
-        # then fails in the embedding lookup instead (an IndexError on CPU, a device assert on CUDA).
+        # then fails in the embedding lookup instead, without the ValueError (on CPU a RuntimeError
+        # "index out of bounds" from the compiled kernel, or an IndexError where the embedding runs
+        # eagerly; a device assert on CUDA).
         if not torch.compiler.is_compiling():
             low, high = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())
             if low < 0 or high >= self.cfg.vocab_size:

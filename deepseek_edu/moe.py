@@ -154,13 +154,13 @@ def update_bias(bias: Tensor, load: Tensor, speed: float) -> Tensor:
 
 
 def expert_counts(indices: Tensor, n_experts: int) -> Tensor:
-    """Tokens routed to each expert: indices (...,) int64 in [0, E) -> (E,) int64 counts.
+    """Tokens routed to each expert: indices (...,) integer ids in [0, E) -> (E,) int64 counts.
 
     A scatter-add of ones into E fixed slots. Unlike `torch.bincount`, whose output length depends on
     the largest index, the shape is known before the data, so `torch.compile` traces it into the
     graph instead of breaking it there (integer adds, so the counts are exact on every run).
     """
-    flat = indices.flatten()
+    flat = indices.flatten().long()  # scatter_add_ wants int64 ids and ones of the counts' dtype
     return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
@@ -278,8 +278,9 @@ class _GroupedLinear(torch.autograd.Function):
     grouped GEMM over the row blocks; grad_w[e] = grad_y[block e]^T @ x[block e] sums over the rows of
     expert e, so its GEMM is grouped along the *inner* dimension, and one GEMM tile of a busy expert
     runs through all that expert's rows while the tiles of idle experts are done. With `splits` > 1
-    each block is cut into that many consecutive sub-blocks of (nearly) equal size, summed afterwards
-    in fp32: the same sum in another order, with the work of a busy expert spread over `splits` times
+    each block is cut into that many consecutive sub-blocks of (nearly) equal size whose partial
+    gradients (in the GEMM's dtype) are summed in fp32: in fp32 the same sum in another order, in bf16
+    one more rounding per partial; the work of a busy expert is spread over `splits` times
     more tiles (on the H200, benchmarks/profile_train_step.py; a router is seldom balanced early on).
     """
 

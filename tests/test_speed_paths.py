@@ -182,3 +182,52 @@ def test_cuda_grouped_linear_split_gradient_and_compiled_model():
         model.update_router_biases()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_gate_breaks_exact_ties_to_the_lower_index():
+    # One token whose logits tie exactly (equal logits, equal sigmoid scores): experts 0 and 1 tie for
+    # the top, groups 1 and 2 tie for the second kept group (each scores s(1) + s(0)). The lower index
+    # wins every tie: groups {0, 1} kept, experts 0, 1, then 2 from group 1 (not 4 from group 2).
+    from deepseek_edu.moe import Gate
+
+    cfg = _cfg(n_activated_experts=3)
+    gate = Gate(cfg)
+    logits = torch.tensor([3.0, 3.0, 1.0, 0.0, 1.0, 0.0, -1.0, -1.0])  # (E,)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = logits
+    x = torch.zeros(1, cfg.dim)
+    x[0, 0] = 1.0
+    routing = gate(x)
+    assert routing.indices.tolist() == [[0, 1, 2]]
+    s = logits.sigmoid()
+    expected = s[[0, 1, 2]] / s[[0, 1, 2]].sum() * cfg.route_scale
+    torch.testing.assert_close(routing.weights[0], expected)
+
+
+def test_expert_counts_takes_int32_ids():
+    ids = torch.tensor([[0, 3], [3, 1]], dtype=torch.int32)
+    assert expert_counts(ids, 5).tolist() == [1, 1, 0, 2, 0]
+
+
+def test_resume_keeps_the_optimizer_implementation(tmp_path):
+    # A checkpoint's param_groups hold `fused`; the optimizer it is loaded into keeps its own
+    # (make_optimizer's choice for its device), so a CPU run resumed on CUDA steps fused.
+    from deepseek_edu.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = _cfg()
+    model = Transformer(cfg).train()
+    opt = make_optimizer(model, TrainConfig())
+    out = model(torch.randint(0, 64, (2, 16)))
+    (out.logits.square().mean() + out.aux_loss).backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.safetensors", model, opt)
+    model2 = Transformer(cfg)
+    opt2 = make_optimizer(model2, TrainConfig())
+    for group in opt2.param_groups:  # what make_optimizer picks on CUDA (torch has a CPU fused AdamW too)
+        group["fused"], group["foreach"] = True, None
+    load_checkpoint(tmp_path / "c.safetensors", model2, opt2)
+    assert all(group["fused"] is True for group in opt2.param_groups)
+    out = model2(torch.randint(0, 64, (2, 16)))
+    (out.logits.square().mean() + out.aux_loss).backward()
+    opt2.step()
