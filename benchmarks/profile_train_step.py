@@ -22,17 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, train_throughput
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
 from _common import command_line, machine_info, now_utc, write_json  # noqa: E402
-from train_throughput import SMALL_BATCH, SMALL_SEQ_LEN, autocast, dense_counterpart, random_batches  # noqa: E402
+from train_throughput import SMALL_BATCH, SMALL_SEQ_LEN, dense_counterpart, make_train_step, random_batches  # noqa: E402
 
 from deepseek_edu.config import PRESETS, TrainConfig, get_preset  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
-from deepseek_edu.train import extra_loss_terms, make_optimizer  # noqa: E402
+from deepseek_edu.train import make_optimizer  # noqa: E402
 
 
 def profile(preset: str, dense: bool, compile_mode: str | None, device: torch.device, batch: int, seq_len: int,
@@ -47,18 +46,7 @@ def profile(preset: str, dense: bool, compile_mode: str | None, device: torch.de
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     batches = itertools.cycle(random_batches(cfg.vocab_size, batch, seq_len, 4, device, 0))
 
-    def step() -> None:
-        x, y = next(batches)
-        with autocast(device, dtype):
-            out = forward(x)
-        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss.float()
-        for term in extra_loss_terms(out, y, cfg.mtp_loss_weight).values():
-            loss = loss + term
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        model.update_router_biases()
+    step = make_train_step(model, forward, opt, tc, batches, device, dtype)
 
     for _ in range(warmup):
         step()

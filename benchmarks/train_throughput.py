@@ -184,6 +184,33 @@ def random_batches(vocab_size: int, batch: int, seq_len: int, n: int, device: to
     return [(ids[i, :, :-1], ids[i, :, 1:]) for i in range(n)]
 
 
+def make_train_step(model: Transformer, forward: Any, opt: torch.optim.Optimizer, tc: TrainConfig, batches: Any,
+                    device: torch.device, dtype: torch.dtype, cudagraphs: bool = False) -> Any:
+    """One optimizer step as the benchmarks time it: forward (through `forward`, the model or its
+    compiled form) under autocast, the training loss, backward, clipping, AdamW, the bias update.
+    Returns `step() -> loss` (detached, never read to the host: that would be a sync per step)."""
+
+    def step() -> torch.Tensor:
+        x, y = next(batches)
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
+        with autocast(device, dtype):
+            out = forward(x)  # logits (B, S, V) fp32
+        # train.lm_loss's total without its .item() calls (a host sync per step): CE + aux + MTP terms
+        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss.float()
+        for term in extra_loss_terms(out, y, model.cfg.mtp_loss_weight).values():
+            loss = loss + term
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        model.update_router_biases()  # MoE: the auxiliary-loss-free bias step (no-op for a dense model)
+        return loss.detach()
+
+    return step
+
+
 COMPILE_MODES = {None: "eager", "default": "compile", "reduce-overhead": "compile-cudagraphs"}
 
 
@@ -205,23 +232,7 @@ def bench_training(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtyp
     batches = itertools.cycle(random_batches(cfg.vocab_size, batch, seq_len, 4, device, seed))
     losses: list[torch.Tensor] = []
 
-    def step() -> torch.Tensor:
-        x, y = next(batches)
-        if compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
-        with autocast(device, dtype):
-            out = forward(x)  # logits (B, S, V) fp32
-        # train.lm_loss's total without its .item() calls (a host sync per step): CE + aux + MTP terms
-        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss.float()
-        for term in extra_loss_terms(out, y, model.cfg.mtp_loss_weight).values():
-            loss = loss + term
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        model.update_router_biases()  # MoE: the auxiliary-loss-free bias step (no-op for a dense model)
-        return loss.detach()
+    step = make_train_step(model, forward, opt, tc, batches, device, dtype, cudagraphs=compile_mode == "reduce-overhead")
 
     def sample() -> None:
         for _ in range(steps):

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -41,8 +41,28 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
         errors.append(message)
 
 
+class _ConfigDict:
+    """Dict round trip and copies shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """Build from a dict; unknown keys raise `ValueError` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_ConfigDict):
     """Shape and features of a decoder-only Transformer, DeepSeek field names.
 
     Defaults describe the course's small dense baseline (notebook 02). The real DeepSeek shapes
@@ -249,28 +269,12 @@ class ModelConfig:
             raise ValueError("invalid ModelConfig: " + "; ".join(e))
 
     # Serialisation -------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        """Build from a dict; unknown keys raise `ValueError` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_ConfigDict):
     """How to train: optimiser, schedule, batching, evaluation and checkpoints.
 
     Defaults are the course's CPU run: a few minutes on 2 cores (README quick start).
@@ -346,20 +350,6 @@ class TrainConfig:
                f"(MTP depth k predicts from windows longer than k)")
         if e:
             raise ValueError("TrainConfig does not fit ModelConfig: " + "; ".join(e))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def _real(**kw: Any) -> ModelConfig:
@@ -452,7 +442,7 @@ GRPO_TASKS = ("addition", "arithmetic", "countdown")
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(_ConfigDict):
     """An R1-Zero-style run in miniature: supervised warm-up, then GRPO (`grpo.py`).
 
     Defaults are the course's CPU run (notebook 10, ``python -m deepseek_edu grpo``). Paper values for
@@ -530,17 +520,3 @@ class GRPOConfig:
         term (beta 0); "grpo" and "dr_grpo" keep the defaults. `changes` override either."""
         preset: dict[str, Any] = {"dapo": {"clip_eps_high": 0.28, "beta": 0.0}}.get(variant, {})
         return cls(variant=variant, **{**preset, **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GRPOConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GRPOConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def replace(self, **changes: Any) -> "GRPOConfig":
-        return dataclasses.replace(self, **changes)
