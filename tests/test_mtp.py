@@ -304,31 +304,73 @@ def _prompt(stream, i):
     return stream[a:b]
 
 
+def _first_difference_is_a_tie(model, out, ref, margin=1e-4):
+    """Where speculative and plain greedy decoding part, plain greedy stood at a floating-point tie.
+
+    The verification forward scores several positions in one call, plain decoding one at a time; the
+    two sums round differently in the last bits (and differently again on AVX2 and AVX-512 kernels).
+    Where the best two logits are closer than that, both choices are greedy. Returns True when the
+    first differing position is such a tie (its two tokens are the best two, within `margin`).
+    """
+    a, b = out[0].tolist(), ref[0].tolist()
+    i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+    with torch.no_grad():
+        logits = model(ref[:, :i]).logits[0, -1].double()
+    top2 = logits.topk(2)
+    return (set(top2.indices.tolist()) == {a[i], b[i]}
+            and float(top2.values[0] - top2.values[1]) < margin)
+
+
 @pytest.mark.parametrize("n_draft", [1, 2])
 @pytest.mark.parametrize("p", range(len(PROMPTS)))
 def test_speculative_with_mtp_drafts_equals_greedy(trained, n_draft, p):
+    """Speculative decoding with the MTP drafts gives plain greedy's tokens, on every CPU.
+
+    Equality is exact except at a floating-point tie of greedy itself (see `_first_difference_is_a_tie`);
+    that acceptance and rollback both happen is tested with drafts of known quality below, since a
+    short training run's drafts differ between machines.
+    """
     model, stream = trained
     prompt = _prompt(stream, p)
     ref = generate(model, prompt, 40)
     out = speculative_generate(model, prompt, 40, n_draft=n_draft)
-    assert out.tokens.tolist() == ref.tolist()
-    assert out.new_tokens == 40 and len(set(ref[0, -40:].tolist())) > 3
+    assert out.new_tokens == 40
+    if out.tokens.tolist() != ref.tolist():
+        assert _first_difference_is_a_tie(model, out.tokens, ref), (out.tokens.tolist(), ref.tolist())
+        return
     # every step yields accepted + 1 tokens; the prefill yields one
     assert 1 + out.steps + sum(out.accepted) == 40
     assert out.drafted[0] == out.steps or out.drafted[0] == out.steps - 1  # the last step may draft nothing
     assert all(0 <= a <= d for a, d in zip(out.accepted, out.drafted))
 
 
-def test_trained_drafts_are_sometimes_right_and_sometimes_wrong(trained):
-    """So the tests above exercised acceptance and rollback at both depths."""
+@pytest.mark.parametrize("n_draft", [2, 3])
+def test_drafts_right_and_wrong_exercise_acceptance_and_rollback(trained, n_draft):
+    """A draft that is right at some depths and wrong at others: partial acceptance, then rollback.
+
+    The draft proposes greedy's true continuation but spoils its last token on every other call, so
+    verification alternately accepts everything and a strict prefix, rolls the caches back, and must
+    still give plain greedy's tokens (a deterministic construction, the same on every CPU).
+    """
     model, stream = trained
-    acc, dra = [0, 0], [0, 0]
-    for p in range(len(PROMPTS)):
-        out = speculative_generate(model, _prompt(stream, p), 40, n_draft=2)
-        acc = [a + b for a, b in zip(acc, out.accepted)]
-        dra = [a + b for a, b in zip(dra, out.drafted)]
-    # both outcomes at both depths, several times each: acceptance and rollback were both exercised
-    assert all(5 <= a <= d - 5 for a, d in zip(acc, dra)), (acc, dra)
+    prompt = _prompt(stream, 1)
+    ref = generate(model, prompt, 40)
+    greedy = ref[0].tolist()
+    calls = [0]
+
+    def partly_right(tokens, n):
+        assert tokens.tolist() == greedy[:len(tokens)], "the draft must see exactly the accepted tokens"
+        draft = greedy[len(tokens):len(tokens) + n]
+        calls[0] += 1
+        if calls[0] % 2 == 0 and len(draft) == n:
+            draft[-1] = (draft[-1] + 1) % model.cfg.vocab_size
+        return draft
+
+    out = speculative_generate(model, prompt, 40, n_draft=n_draft, draft=partly_right)
+    assert out.tokens.tolist() == ref.tolist()
+    # depths 1 .. n-1 are always right; the last depth is right on odd calls, wrong on even ones
+    assert all(0 < a == d for a, d in zip(out.accepted[:-1], out.drafted[:-1])), (out.accepted, out.drafted)
+    assert 0 < out.accepted[-1] < out.drafted[-1], (out.accepted, out.drafted)
 
 
 @pytest.mark.parametrize("n_draft", [1, 2, 5])
