@@ -53,6 +53,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .io import atomic_write
+
 CORPORA = ("shakespeare", "python-docs")
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<think>", "</think>", "<answer>", "</answer>"]
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the reserved special tokens
@@ -99,20 +101,6 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache files are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- corpora ------------------------------------------------------------------------------------------
@@ -268,12 +256,12 @@ def _write_shakespeare_cache(folder: Path, stems_docs: list[tuple[str, Document]
     entries = []
     for stem, doc in stems_docs:
         data = doc.text.encode("utf-8")
-        _atomic_write(folder / f"{stem}.txt", data)
+        atomic_write(folder / f"{stem}.txt", data)
         entries.append({"stem": stem, "title": doc.title, "n_chars": len(doc.text), "sha256": _sha256(data)})
     manifest = {"format": CACHE_FORMAT, "package": SHAKESPEARE_PACKAGE, "version": SHAKESPEARE_VERSION,
                 "sha256": SHAKESPEARE_SHA256, "documents": entries,
                 "total_chars": sum(e["n_chars"] for e in entries)}
-    _atomic_write(folder / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())  # written last
+    atomic_write(folder / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())  # written last
 
 
 def load_corpus(name: str, cache_dir: str | Path | None = None, progress: bool = True) -> Corpus:
@@ -484,16 +472,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the library's tokenizer JSON to `path`, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self.backend.save(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(path, writer=lambda tmp: self.backend.save(str(tmp)))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -570,7 +549,7 @@ def _tokenizer_for(corpus_name: str, train_docs: list[Document], vocab_size: int
         raise ValueError(f"corpus {corpus_name!r} only supports {tok.vocab_size} tokens; vocab_size="
                          f"{vocab_size} must be <= {tok.vocab_size}")
     tok.save(path)
-    _atomic_write(meta, json.dumps(key).encode())  # after the tokenizer: a crash in between retrains
+    atomic_write(meta, json.dumps(key).encode())  # after the tokenizer: a crash in between retrains
     return tok
 
 
@@ -668,7 +647,7 @@ def load_dataset(corpus: str = "shakespeare", vocab_size: int = 2048, val_fracti
         pass
     if tensors is None:
         tensors = {"train": tokenize_split(train_docs, tokenizer), "val": tokenize_split(val_docs, tokenizer)}
-        _atomic_write(path, safetensors.torch.save(tensors, metadata=key))
+        atomic_write(path, safetensors.torch.save(tensors, metadata=key))
     return TokenDataset(corpus, tokenizer, tensors["train"], tensors["val"], [d.title for d in train_docs],
                         [d.title for d in val_docs], sum(len(d.text) for d in train_docs),
                         sum(len(d.text) for d in val_docs))
@@ -809,4 +788,4 @@ def cross_entropy_unigram(train: Tensor, val: Tensor, vocab_size: int) -> float:
     return float(-q.log()[val.long()].mean())
 
 # Verifiable task generators for RL (notebook 10) live in tasks.py; re-exported here.
-from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: E402,F401
+from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: F401
