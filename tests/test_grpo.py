@@ -540,11 +540,11 @@ def test_cli_grpo_end_to_end(tmp_path, capsys) -> None:
 
 
 def test_sft_batch_masks_the_response_only() -> None:
-    from deepseek_edu.grpo import _sft_batch
+    from deepseek_edu.grpo import sft_batch
 
     tok = CharTokenizer()
     probs = [ArithmeticTask().make(47, "+", 38), ArithmeticTask().make(5, "+", 7)]
-    x, y, m = _sft_batch(tok, probs)
+    x, y, m = sft_batch(tok, probs)
     for i, p in enumerate(probs):
         target = tok.encode(p.solution) + [tok.eos_id]
         assert y[i][m[i]].tolist() == target  # exactly the response and its eos are learned
