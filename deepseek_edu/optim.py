@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -162,7 +163,9 @@ def skip_step(model: nn.Module, scheduler: torch.optim.lr_scheduler.LRScheduler 
     for layer in _router_layers(model):
         layer.load_since_update.zero_()  # the skipped step's routing must not move the bias later
     if scheduler is not None:
-        scheduler.step()
+        with warnings.catch_warnings():  # a skip before any optimizer.step() is intended, not the misuse torch warns of
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
     return StepResult(grad_norm=torch.tensor(math.nan) if grad_norm is None else grad_norm, skipped=True)
 
 
