@@ -47,7 +47,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None,
                 attn_impl: str | None = None) -> tuple[Tensor, MoEOutput | None]:
         h = self.attn_norm(x)
-        x = x + (self.attn(h, freqs_cis, cache) if attn_impl is None else self.attn(h, freqs_cis, cache, impl=attn_impl))
+        x = x + self.attn(h, freqs_cis, cache, impl=attn_impl)  # every attention class takes `impl`
         f = self.ffn(self.ffn_norm(x))
         if isinstance(f, MoEOutput):
             return x + f.y, f

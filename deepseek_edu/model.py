@@ -183,7 +183,8 @@ class Transformer(nn.Module):
             tokens: (B, S) integer token ids in [0, vocab_size).
             cache: a `ModelCache` from `new_cache`; the tokens are placed after what it holds, and
                 it is extended in place. None runs positions 0..S-1 without state.
-            attn_impl: MLA only: "naive", "absorbed" or "auto" for this call (None = each layer's default).
+            attn_impl: the attention path for this call, one of the attention class's IMPLS
+                (`mla.MLA_IMPLS`, `attention.ATTENTION_IMPLS`); None = each layer's `impl`.
             mtp: run the MTP modules (DeepSeek-V3 §2.2) and fill `mtp_logits`. None (default) = when the
                 model has them and no cache is given (training and evaluation forwards); decoding
                 with a cache skips them. The main logits are the same either way.
@@ -192,11 +193,14 @@ class Transformer(nn.Module):
             (B, S - k, V), expert_load).
         Raises:
             ValueError: on ids out of range, a sequence longer than max_seq_len, cache overflow,
-                `attn_impl` given for a model without MLA, or mtp=True with a cache or without MTP modules.
+                an `attn_impl` its attention class does not have, or mtp=True with a cache or without MTP modules.
         """
-        if attn_impl is not None and self.cfg.attention != "mla":
-            raise ValueError(f"attn_impl={attn_impl!r} applies to attention='mla' only, this model has "
-                             f"attention={self.cfg.attention!r}")
+        if attn_impl is not None:  # checked before any layer runs (each layer checks it again)
+            try:
+                self.layers[0].attn.resolve_impl(attn_impl)
+            except ValueError as exc:
+                raise ValueError(f"attn_impl={attn_impl!r} is not a path of attention={self.cfg.attention!r}: "
+                                 f"{exc}") from None
         if mtp and (cache is not None or self.mtp is None):
             raise ValueError("mtp=True needs a model with MTP modules (n_mtp_depth > 0) and no cache; "
                              "speculative decoding drives them with their own caches (generate.py)")
