@@ -14,8 +14,8 @@ Checks:
   fp32 logits to 1e-5;
 - errors: token id out of range (negative and >= vocab_size, message names the id and
   vocab_size), sequence longer than max_seq_len, cache overflow (cache left untouched), float or
-  1-D tokens, a cache longer than max_seq_len, an `attn_impl` the attention class does not have; routed experts raise
-  NotImplementedError pointing to the MoE chapter (notebook 04) until deepseek_edu.moe is wired in;
+  1-D tokens, a cache longer than max_seq_len, an `attn_impl` the attention class does not have;
+  routed experts raise NotImplementedError pointing to the MoE chapter (notebook 04) until deepseek_edu.moe is wired in;
 - the parameter count equals a hand formula (and the hand-computed number) for the baseline;
 - determinism with a seed; a tiny model overfits one batch (loss falls by > 80% in 50 steps).
 """
