@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig, get_preset
+from .generate import decode
 from .loss import training_loss
 from .model import Transformer
 from .optim import SkipCounter, optimizer_step
@@ -99,24 +100,13 @@ def sample_responses(model: Transformer, tokenizer: CharTokenizer, prompts: Sequ
                              f"{model.cfg.max_seq_len}")
         idx = torch.tensor(rows)
         tokens = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)  # (n, L)
-        n = len(rows)
-        cache = model.new_cache(n, max_len=L + max_new_tokens)
-        logits = model(tokens, cache).logits[:, -1]  # (n, V)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            lp = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (n, V)
-            if temperature > 0:
-                nxt = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)  # (n,)
-            else:
-                nxt = lp.argmax(dim=-1)
-            live = ~done
-            responses[idx[live.cpu()], t] = nxt[live].cpu()
-            mask[idx[live.cpu()], t] = True
-            logps[idx[live.cpu()], t] = lp.gather(1, nxt[:, None]).squeeze(1)[live].cpu()
-            done = done | (nxt == tokenizer.eos_id)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            logits = model(nxt[:, None], cache).logits[:, -1]
+        # generate.decode: the one decode loop (KV cache, per-row stop at the eos, each token's log-prob)
+        out = decode(model, tokens, max_new_tokens, temperature, generator=generator, eos_id=tokenizer.eos_id)
+        n_new = out.tokens.shape[1]
+        live = out.mask.cpu()  # (n, n_new)
+        responses[idx, :n_new] = torch.where(live, out.tokens.cpu(), tokenizer.pad_id)
+        mask[idx, :n_new] = live
+        logps[idx, :n_new] = out.logprobs.cpu()
     model.train(was_training)
     T = max(int(mask.sum(dim=1).max()), 1) if N else 1
     texts = [tokenizer.decode(r.tolist()) for r in responses]
