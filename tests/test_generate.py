@@ -387,6 +387,7 @@ def test_top_p_edges():
     # top_p -> 0: only the most likely token, argmax's choice on ties (the sort is stable)
     for seed in range(10):
         gen = torch.Generator().manual_seed(seed)
-        assert torch.equal(sample_next(logits, temperature=1.0, top_p=1e-9, generator=gen), logits.argmax(dim=-1))
+        tiny_p = sample_next(logits, temperature=1.0, top_p=1e-9, generator=gen)
+        assert torch.equal(tiny_p, logits.argmax(dim=-1))
     # top_p = 1: no filtering at all
     torch.testing.assert_close(sample_logprobs(logits, 1.0, top_p=1.0), logits.log_softmax(-1))
