@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import (  # noqa: F401 -- re-exported: train is where users look for them
@@ -62,10 +61,13 @@ from .data import (
     BatchSampler,
     TokenDataset,
     Tokenizer,
-    cross_entropy_unigram,
-    iter_eval_batches,
     load_dataset,
-    unigram_entropy,
+)
+from .evaluation import (  # evaluate, resolve_device: also imported from here by scripts
+    autocast_for,
+    evaluate,
+    resolve_device,
+    unigram_baselines,
 )
 from .io import atomic_write
 from .loss import loss_metrics, mtp_terms, training_loss
@@ -118,55 +120,7 @@ def lm_loss(output: ModelOutput, targets: Tensor, mtp_loss_weight: float | None 
     return terms.loss, loss_metrics(terms)
 
 
-def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (when cfg.bf16); plain fp32 on CPU."""
-    if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, tokens: Tensor, cfg: TrainConfig) -> float:
-    """Mean validation cross-entropy in nats/token over `cfg.eval_batches` fixed batches.
-
-    The windows are `data.iter_eval_batches` (non-overlapping, spread evenly over the split): the same on every
-    call and free of random numbers, so evaluation never perturbs the training RNG stream. The
-    model runs in eval mode and is put back in train mode afterwards. The aux loss is not included.
-
-    Args:
-        model: the language model (any device).
-        tokens: (N,) int64 validation token ids.
-        cfg: batch_size, seq_len, eval_batches and bf16 are used.
-    Returns:
-        Loss per target token (a short last batch is weighted by its tokens, not as a whole batch).
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in iter_eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-            x, y = x.to(device), y.to(device)
-            with _autocast(device, cfg):
-                logits = model(x, mtp=False).logits  # (b, T, V); the main head only
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                     reduction="sum").item()
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    return total / count
-
-
 # --- the training loop ---------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU. Raises ValueError for "cuda" without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch finds no CUDA device; use the CPU ('cpu')")
-    return torch.device(name)
 
 
 @dataclass
@@ -358,7 +312,7 @@ class Trainer:
         x, y = self.sampler.next()  # (B, T) each
         x, y = x.to(self.device), y.to(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
-        with _autocast(self.device, self.cfg):
+        with autocast_for(self.device, self.cfg):
             output = self.model(x)
         terms = training_loss(output, y, self.model_cfg.mtp_loss_weight)
         metrics = loss_metrics(terms)  # one host read for every logged term
@@ -455,12 +409,6 @@ class Trainer:
             unigram_entropy=self._baselines[0], unigram_cross_entropy=self._baselines[1],
             val_chars_per_token=ds.n_chars_val / max(ds.val.numel(), 1), checkpoint_path=self.checkpoint_path,
             step=self.step, elapsed=self.elapsed)
-
-
-def unigram_baselines(dataset: TokenDataset) -> tuple[float, float]:
-    """(entropy of the train unigram, cross-entropy of val under the train unigram), both nats/token."""
-    return (unigram_entropy(dataset.train, dataset.vocab_size),
-            cross_entropy_unigram(dataset.train, dataset.val, dataset.vocab_size))
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False, progress: bool = True,
