@@ -152,7 +152,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    loads = [layer.update_bias() for layer in _router_layers(model)]
+    # Transformer.update_router_biases when the model has it (scripts may wrap it to record the loads)
+    update = getattr(model, "update_router_biases", None)
+    loads = update() if update is not None else [layer.update_bias() for layer in _router_layers(model)]
     return StepResult(grad_norm=grad_norm, skipped=False, loads=loads)
 
 

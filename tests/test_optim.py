@@ -188,3 +188,20 @@ def test_grpo_skips_a_non_finite_gradient(kind):
     res = grpo_train(model, CharTokenizer(), ArithmeticTask(n_digits=1), cfg, progress=False)
     assert res.skipped_steps == 1 and [r["skipped_steps"] for r in res.history] == [1, 1]
     assert _all_finite(model)
+
+
+def test_the_step_calls_the_models_bias_update_once_and_never_on_a_skip():
+    torch.manual_seed(0)
+    model = Transformer(_moe_cfg()).train()
+    opt = make_optimizer(model, TrainConfig(vocab_size=VOCAB))
+    calls = []
+    real = model.update_router_biases
+    model.update_router_biases = lambda: calls.append(1) or real()  # as benchmarks/moe_balance.py records loads
+    x = torch.randint(0, VOCAB, (2, 16))
+    for poison in (False, True, False):
+        opt.zero_grad()
+        model(x).logits.float().logsumexp(-1).mean().backward()
+        if poison:
+            next(model.parameters()).grad.view(-1)[0] = math.nan
+        optimizer_step(model, opt, None, grad_clip=1.0)
+    assert len(calls) == 2
