@@ -554,3 +554,14 @@ def test_short_run_on_python_docs_lowers_the_loss(dataset, tmp_path):
     assert result.unigram_entropy == pytest.approx(dataset.stats["unigram_entropy_train"])
     bpc = result.val_loss / math.log(2) / result.val_chars_per_token
     assert result.val_bits_per_char == pytest.approx(bpc)
+
+
+def test_checkpoint_does_not_grow_with_the_run(dataset, tmp_path):
+    sizes = []
+    for steps in (2, 12):
+        out = tmp_path / f"run{steps}"
+        train(tiny_model_cfg(), tiny_train_cfg(out, max_steps=steps, eval_every=0), progress=False, dataset=dataset)
+        sizes.append((out / "checkpoint.safetensors").stat().st_size)
+        assert load_checkpoint(out / "checkpoint.safetensors").history == []
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == steps  # the history lives here
+    assert abs(sizes[1] - sizes[0]) < 256, sizes  # a few digits of step counts and seconds, nothing per step
