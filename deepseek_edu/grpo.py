@@ -307,6 +307,10 @@ def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConf
     dropped). The policy runs in eval mode throughout, so the MoE routing biases stay fixed: a bias
     update between sampling and loss would make π_old differ from the sampling policy.
 
+    Each update goes through `optim.optimizer_step`: an update whose gradient is not finite is skipped
+    (counted in "skipped_steps" and `GRPOResult.skipped_steps`); after `cfg.max_skipped_steps` skips in a
+    row `optim.NonFiniteError` is raised.
+
     Logged per step: reward, accuracy, format, response length (tokens), KL (k3, to π_ref), clip
     fraction, the share of zero-variance groups. Held-out greedy accuracy every `eval_every` steps
     and after the last.
