@@ -1,6 +1,6 @@
 """Rollouts, log-probabilities, the supervised warm-up and greedy evaluation for the RL chapter.
 
-`sample_responses` draws the G responses of each prompt through `generate.decode`, the package's one
+`sample_responses` draws the G responses of each prompt through `sampling.decode`, the package's one
 decode loop (KV cache, per-row stop at the eos, the log-probability of every sampled token under the
 distribution it was drawn from); `response_logprobs` recomputes those log-probabilities with
 gradients. `supervised_finetune` teaches the layout with the package's training loss and optimizer
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig, get_preset
-from .generate import decode
 from .loss import training_loss
 from .model import Transformer
 from .optim import SkipCounter, optimizer_step
 from .rewards import score_responses
+from .sampling import decode
 from .tasks import CharTokenizer, Problem
 
 # --- sampling and log-probabilities ------------------------------------------------------------------
@@ -100,7 +100,7 @@ def sample_responses(model: Transformer, tokenizer: CharTokenizer, prompts: Sequ
                              f"{model.cfg.max_seq_len}")
         idx = torch.tensor(rows)
         tokens = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)  # (n, L)
-        # generate.decode: the one decode loop (KV cache, per-row stop at the eos, each token's log-prob)
+        # sampling.decode: the one decode loop (KV cache, per-row stop at the eos, each token's log-prob)
         out = decode(model, tokens, max_new_tokens, temperature, generator=generator, eos_id=tokenizer.eos_id)
         n_new = out.tokens.shape[1]
         live = out.mask.cpu()  # (n, n_new)

@@ -2,7 +2,7 @@
 
 Checks that every ``from deepseek_edu... import name`` in a notebook's code resolves; that the names
 moved to their own modules (block.py, loss.py, optim.py, dispatch.py, io.py, rewards.py, rl.py,
-corpus.py, tokenizer.py) are still re-exported under their old homes; that `deepseek_edu.mtp` and
+corpus.py, tokenizer.py, sampling.py, evaluation.py) are still re-exported under their old homes; that `deepseek_edu.mtp` and
 `deepseek_edu.model` each import first in a fresh interpreter, with no import inside a function in
 the modules of the decoder; and that no test or benchmark imports a private (``_``) name from
 another module.
@@ -37,6 +37,10 @@ MOVED = [
     ("deepseek_edu.grpo", "response_logprobs"), ("deepseek_edu.grpo", "supervised_finetune"),
     ("deepseek_edu.grpo", "evaluate"), ("deepseek_edu.grpo", "task_model_config"),
     ("deepseek_edu.grpo", "Rollout"),
+    ("deepseek_edu.generate", "sample_next"), ("deepseek_edu.generate", "decode"),
+    ("deepseek_edu.data", "load_corpus"), ("deepseek_edu.data", "train_tokenizer"),
+    ("deepseek_edu.data", "Tokenizer"), ("deepseek_edu.data", "CorpusUnavailableError"),
+    ("deepseek_edu.train", "evaluate"), ("deepseek_edu.train", "resolve_device"),
 ]
 
 
