@@ -68,12 +68,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
 from _common import (  # noqa: E402
-    command_line, machine_info, machine_load, matmul_peak, now_utc, rate, rate_per_cpu_second, summarize, time_repeats, write_json,
+    command_line,
+    machine_info,
+    machine_load,
+    matmul_peak,
+    now_utc,
+    rate,
+    rate_per_cpu_second,
+    summarize,
+    time_repeats,
+    write_json,
 )
 
 from deepseek_edu.config import ModelConfig  # noqa: E402
+from deepseek_edu.dispatch import gather_pairs, permute_rows, sum_slots  # noqa: E402
 from deepseek_edu.ffn import MLP  # noqa: E402
-from deepseek_edu.moe import MoE, Routing, _GatherPairs, _Permute, _sum_slots  # noqa: E402
+from deepseek_edu.moe import MoE, Routing  # noqa: E402
 
 # name -> (routed experts E, top-K, shared experts, width divisor: moe_inter_dim = M // divisor)
 LAYOUTS = {
@@ -140,7 +150,7 @@ def stage_breakdown(moe: MoE, x2d: torch.Tensor, device: torch.device, repeats: 
     x = x2d.detach().requires_grad_(True)
     with torch.no_grad():
         routing = moe.gate(x)
-    impl = moe._resolve_impl(x, None)
+    impl = moe.resolve_impl(x)
     idx = routing.indices
     flat = idx.flatten()
     order = flat.argsort(stable=True)
@@ -150,7 +160,7 @@ def stage_breakdown(moe: MoE, x2d: torch.Tensor, device: torch.device, repeats: 
     weights = routing.weights.detach().requires_grad_(True)
     w_sorted = weights.detach().flatten()[order].to(x.dtype).requires_grad_(True)
     out_sorted = torch.randn(N * K, D, generator=gen).to(device=device, dtype=x.dtype).requires_grad_(True)
-    run = moe._experts_grouped if impl == "grouped" else moe._experts_loop
+    run = moe.experts_grouped if impl == "grouped" else moe.experts_loop
 
     # The stages of MoE.dispatch (deepseek_edu/moe.py), written out the same way.
     def gate() -> torch.Tensor:
@@ -161,14 +171,14 @@ def stage_breakdown(moe: MoE, x2d: torch.Tensor, device: torch.device, repeats: 
         o = fl.argsort(stable=True)
         pos = torch.empty_like(o).index_copy_(0, o, torch.arange(N * K, device=device))
         torch.bincount(fl, minlength=moe.n_experts)
-        ws = _Permute.apply(weights.flatten().to(x.dtype), o, pos)
-        return _GatherPairs.apply(x, o, pos, K) * 1 + ws.unsqueeze(-1) * 0  # both in the graph
+        ws = permute_rows(weights.flatten().to(x.dtype), o, pos)
+        return gather_pairs(x, o, pos, K) * 1 + ws.unsqueeze(-1) * 0  # both in the graph
 
     def experts() -> torch.Tensor:
         return run(x_sorted, counts, w_sorted)
 
     def combine() -> torch.Tensor:
-        return _sum_slots(_Permute.apply(out_sorted, position, order).view(N, K, D))
+        return sum_slots(permute_rows(out_sorted, position, order).view(N, K, D))
 
     stages: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor, list[torch.Tensor]]] = {
         "gate": (gate, rnd(N, K, dtype=torch.float32), [x, *_params(moe.gate)]),
@@ -256,7 +266,7 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
                                        "moe_gate": cfg.dim * layout[0], "dense": 3 * cfg.dim * cfg.inter_dim},
         "total_params": {"moe": sum(p.numel() for p in moe.parameters()),
                          "dense": sum(p.numel() for p in dense.parameters())},
-        "tokens": tokens, "moe_dispatch_impl": moe._resolve_impl(x, None), "rel_diff_moe_vs_v0": rel, "variants": {},
+        "tokens": tokens, "moe_dispatch_impl": moe.resolve_impl(x), "rel_diff_moe_vs_v0": rel, "variants": {},
     }
     if args.compile and full and name == ACCEPTANCE_LAYOUT:  # torch.compile of both layers (default mode)
         cdense, cmoe = torch.compile(dense), torch.compile(moe)

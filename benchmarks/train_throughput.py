@@ -55,21 +55,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
 from _common import (  # noqa: E402
-    command_line, datasheet_peak, machine_info, machine_load, matmul_peak, now_utc, rate, rate_per_cpu_second, summarize,
-    time_repeats, write_json,
+    command_line,
+    datasheet_peak,
+    machine_info,
+    machine_load,
+    matmul_peak,
+    now_utc,
+    rate,
+    rate_per_cpu_second,
+    summarize,
+    time_repeats,
+    write_json,
 )
 
 from deepseek_edu.analysis import count_params  # noqa: E402
 from deepseek_edu.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from deepseek_edu.generate import generate  # noqa: E402
+from deepseek_edu.loss import training_loss  # noqa: E402
 from deepseek_edu.model import Transformer  # noqa: E402
-from deepseek_edu.train import extra_loss_terms, make_optimizer  # noqa: E402
+from deepseek_edu.optim import make_optimizer, optimizer_step  # noqa: E402
 
 FLOPS_FORMULA = ("model FLOPs per token = 6 * N_activated_non_embedding + 6 * n_attn_layers * n_heads * "
                  "(d_qk + d_v) * seq_len (PaLM, Chowdhery et al. 2022, appendix B; N = the parameters one "
@@ -196,16 +205,13 @@ def make_train_step(model: Transformer, forward: Any, opt: torch.optim.Optimizer
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
         with autocast(device, dtype):
             out = forward(x)  # logits (B, S, V) fp32
-        # train.lm_loss's total without its .item() calls (a host sync per step): CE + aux + MTP terms
-        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss.float()
-        for term in extra_loss_terms(out, y, model.cfg.mtp_loss_weight).values():
-            loss = loss + term
+        # the training loss of train.py (CE + aux + MTP terms), as tensors: no host sync per step
+        loss = training_loss(out, y, model.cfg.mtp_loss_weight).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        model.update_router_biases()  # MoE: the auxiliary-loss-free bias step (no-op for a dense model)
+        # train.py's optimizer step (clip, AdamW, the MoE bias step) without the finite check, whose
+        # host read per step these measurements leave out (no step is skipped on random ids anyway)
+        optimizer_step(model, opt, None, tc.grad_clip, check_finite=False)
         return loss.detach()
 
     return step

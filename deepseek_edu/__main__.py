@@ -321,15 +321,15 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     resolve_device(cfg.device)  # ValueError when CUDA is asked for and absent
     out_path = Path(cfg.out_dir) / "metrics.json"
     res = run(cfg, progress=not args.no_progress, out_path=out_path)
-    last = res["history"][-1] if res["history"] else {}
-    print(f"task {cfg.task}, variant {cfg.variant}: {res['n_parameters'] / 1e6:.2f}M parameters, "
-          f"{cfg.sft_steps} SFT steps ({res['sft_seconds']:.0f} s), {cfg.steps} GRPO steps of "
-          f"{cfg.prompts_per_step} x {cfg.group_size} responses ({res['grpo_seconds']:.0f} s)")
+    last = res.history[-1] if res.history else {}
+    print(f"task {cfg.task}, variant {cfg.variant}: {res.n_parameters / 1e6:.2f}M parameters, "
+          f"{cfg.sft_steps} SFT steps ({res.sft_seconds:.0f} s), {cfg.steps} GRPO steps of "
+          f"{cfg.prompts_per_step} x {cfg.group_size} responses ({res.grpo_seconds:.0f} s)")
     if last:
         print(f"last batch: reward {last['reward']:.3f}, accuracy {last['accuracy']:.3f}, KL {last['kl']:.4f}, "
               f"length {last['length']:.1f} tokens")
-    print(f"held-out accuracy (greedy, {cfg.n_eval} problems): SFT {res['accuracy_sft']:.3f} -> "
-          f"GRPO {res['accuracy_grpo']:.3f}")
+    print(f"held-out accuracy (greedy, {cfg.n_eval} problems): SFT {res.accuracy_sft:.3f} -> "
+          f"GRPO {res.accuracy_grpo:.3f}")
     print(f"metrics: {out_path}")
     return 0
 

@@ -99,12 +99,18 @@ def causal_mask(start_pos: int, S: int, device: torch.device | None = None) -> T
     return k_pos[None, :] <= q_pos[:, None]
 
 
+ATTENTION_IMPLS = ("auto", "sdpa")  # Attention.impl; "auto" = "sdpa" (torch's scaled_dot_product_attention)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with n_kv_heads key/value heads: MHA, GQA or MQA by `cfg.attention`.
 
     Rotary embedding (interleaved pairs) is applied to the whole query and key heads.
 
     Shapes: x (B, S, D) -> (B, S, D). Weights: wq (H*Dh, D), wk/wv (H_kv*Dh, D), wo (D, H*Dh).
+
+    Attribute `impl`, one of `ATTENTION_IMPLS` (the package's convention for choosing an implementation
+    path, as `mla.MLA.impl` and `moe.MoE.impl`): only "sdpa" today; "auto" picks it.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -118,21 +124,33 @@ class Attention(nn.Module):
         self.wk = nn.Linear(D, Hkv * Dh, bias=False)
         self.wv = nn.Linear(D, Hkv * Dh, bias=False)
         self.wo = nn.Linear(H * Dh, D, bias=False)
+        self.impl = "auto"  # ATTENTION_IMPLS
+
+    def resolve_impl(self, impl: str | None = None) -> str:
+        """The path a call with `impl` (None = `self.impl`) takes. Raises ValueError for an unknown impl."""
+        impl = self.impl if impl is None else impl
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"impl={impl!r} must be one of ATTENTION_IMPLS = {ATTENTION_IMPLS}")
+        return "sdpa" if impl == "auto" else impl
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """What one token costs in the cache: a key and a value per KV head."""
         return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None, impl: str | None = None) -> Tensor:
         """Attend from the S new positions of `x` to every earlier position and themselves.
 
         Args:
             x: (B, S, D) hidden states of the new positions.
             freqs_cis: (S, Dh/2) complex rotary factors for those positions.
             cache: this layer's cache, or None for a stateless forward over positions 0..S-1.
+            impl: one of `ATTENTION_IMPLS` for this call (None = `self.impl`).
         Returns:
             (B, S, D).
+        Raises:
+            ValueError: on an unknown `impl`.
         """
+        self.resolve_impl(impl)  # one path today ("sdpa"); checked so that a typo is an error
         B, S, _ = x.shape
         start_pos = cache.length if cache is not None else 0
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)  # (B, S, H, Dh)

@@ -3,7 +3,12 @@
 A checkpoint holds everything the next training step reads (`train.py` says why each piece matters
 for a bitwise resume): the weights, with tied tensors written once and the tie re-made on load;
 AdamW's moments and per-parameter step counts; the LR scheduler's position; the data position and
-every RNG stream; the tokenizer; the history; the configs.
+every RNG stream; the tokenizer; the configs. Not the per-step metric history: that grows with the
+run and lives in ``metrics.jsonl`` beside the checkpoint, so a checkpoint's size does not depend on
+the run's length.
+
+It never holds a non-finite weight or optimizer moment: `save_checkpoint` refuses with
+`NonFiniteError` rather than overwrite the last good checkpoint with a broken one.
 
 It is never pickle, so loading one cannot run code. It is never half-written: it is written to a
 temporary file in the same folder, fsync'ed and then renamed over the old one (`os.replace` is
@@ -18,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,9 @@ from torch import Tensor, nn
 
 from .config import ModelConfig, TrainConfig
 from .data import Tokenizer, load_tokenizer
+from .io import atomic_write
 from .model import Transformer
+from .optim import NonFiniteError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "deepseek-edu-checkpoint"
@@ -103,44 +108,18 @@ def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def _write_chunks(f, data: bytes | memoryview) -> None:
-    """Write `data` to the open file `f` in 16 MiB pieces (tests replace this to simulate a crash)."""
-    view = memoryview(data)
-    for i in range(0, len(view), 1 << 24):
-        f.write(view[i:i + (1 << 24)])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, fsync, then rename over `path`.
-
-    A crash at any point leaves `path` either absent, the previous file, or the complete new file
-    (a crashed process may leave a ``.<name>.*.tmp`` file beside it, never a partial `path`).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_chunks(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Tensor) and value.numel() == 1:
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in checkpoint metadata")
+
+
+def _check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """Raise `NonFiniteError` naming the first floating tensor that holds an inf or a nan."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"refusing to save a checkpoint: {what} {name!r} holds non-finite values "
+                                 f"(the last good checkpoint is kept)")
 
 
 def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer | None = None,
@@ -160,12 +139,17 @@ def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
         path: the file to (over)write.
         model: its config and weights are saved; the CPU RNG state is taken from this process.
         optimizer, scheduler: saved when given.
-        train_cfg, step, sampler_state, history, tokenizer, extra: saved as metadata when given.
+        train_cfg, step, sampler_state, tokenizer, extra: saved as metadata when given.
+        history: metric records to store (empty by default; `train.Trainer` keeps them in
+            metrics.jsonl instead, so the checkpoint does not grow with the run).
     Returns:
         The path written.
+    Raises:
+        NonFiniteError: a weight or an optimizer moment is inf or nan (nothing is written).
     """
     path = Path(path)
     tensors, aliases = _state_tensors(model)
+    _check_finite(tensors, "weight")
     tensors = {f"model.{k}": v for k, v in tensors.items()}
     meta: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": int(step),
@@ -180,6 +164,7 @@ def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
             for key, value in state.items():
                 if isinstance(value, Tensor):
                     tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+                    _check_finite({f"optim.{idx}.{key}": tensors[f"optim.{idx}.{key}"]}, "optimizer state")
                 else:
                     scalars.setdefault(str(idx), {})[key] = value
         meta["optim_param_groups"] = sd["param_groups"]
@@ -193,7 +178,7 @@ def save_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
         meta["tokenizer_sha256"] = hashlib.sha256(meta["tokenizer"].encode()).hexdigest()
     metadata = {k: json.dumps(v, default=_jsonable) for k, v in meta.items()}
     metadata["sha256"] = _digest(tensors, metadata)
-    _atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
+    atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
     return path
 
 
@@ -209,7 +194,7 @@ class Checkpoint:
         model_state: the model's full state dict (tied names restored), CPU tensors.
         optimizer_state: an `Optimizer.state_dict()`, or None.
         scheduler_state, sampler_state: their `state_dict()`s, or None.
-        history: the metric records up to `step`.
+        history: metric records stored in the file (empty for the Trainer's checkpoints: see metrics.jsonl).
         tokenizer: the run's tokenizer, or None when none was saved.
         extra: free-form metadata (corpus, elapsed seconds, ...).
     """

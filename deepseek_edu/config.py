@@ -294,6 +294,7 @@ class TrainConfig(_ConfigDict):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    max_skipped_steps: int = 10  # stop with NonFiniteError after this many non-finite-gradient skips in a row
     eval_every: int = 100  # steps between validation evaluations; 0 = only at the end
     eval_batches: int = 8  # validation batches per evaluation
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
@@ -331,6 +332,8 @@ class TrainConfig(_ConfigDict):
         _check(e, 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
                f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
         _check(e, self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0")
+        _check(e, _is_int(self.max_skipped_steps) and self.max_skipped_steps >= 1,
+               f"max_skipped_steps={self.max_skipped_steps!r} must be an integer >= 1")
         _check(e, self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
         if isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int):
             _check(e, self.warmup_steps <= self.max_steps,
@@ -468,6 +471,7 @@ class GRPOConfig(_ConfigDict):
     max_new_tokens: int = 32  # response budget in tokens (also Dr. GRPO's constant normaliser)
     format_weight: float = 0.1  # reward = accuracy + format_weight * format
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    max_skipped_steps: int = 10  # stop with NonFiniteError after this many non-finite-gradient skips in a row
     eval_every: int = 20  # GRPO steps between held-out evaluations; 0 = only before and after
     n_eval: int = 200  # distinct held-out problems, answered greedily
     sft_steps: int = 300  # supervised steps on worked solutions before GRPO; 0 = none
@@ -509,6 +513,8 @@ class GRPOConfig(_ConfigDict):
                f"clip_eps_low={self.clip_eps_low!r} must be in (0, 1) (the ratio is clipped at 1 - clip_eps_low > 0)")
         _check(e, _is_real(self.clip_eps_high) and self.clip_eps_high > 0,
                f"clip_eps_high={self.clip_eps_high!r} must be a finite number > 0")
+        _check(e, _is_int(self.max_skipped_steps) and self.max_skipped_steps >= 1,
+               f"max_skipped_steps={self.max_skipped_steps!r} must be an integer >= 1")
         _check(e, isinstance(self.out_dir, str), f"out_dir={self.out_dir!r} must be a string")
         _check(e, self.device in ("cpu", "cuda"), f"device={self.device!r} must be 'cpu' or 'cuda'")
         if e:

@@ -1,4 +1,7 @@
-"""GRPO: rule-based rewards, group advantages, clipped policy losses (GRPO, Dr. GRPO, DAPO), the RL loop.
+"""GRPO: group advantages, the k3 KL, clipped policy losses (GRPO, Dr. GRPO, DAPO) and the RL loop.
+
+The chapter's other parts live beside it and are re-exported here: the rule rewards in `rewards.py`;
+sampling, log-probabilities, the supervised warm-up and evaluation in `rl.py`.
 
 Group Relative Policy Optimization (DeepSeekMath §4.1) is PPO without a value network: for each
 prompt q sample a *group* of G outputs o_1..o_G from the old policy, score each with a reward r_i,
@@ -41,7 +44,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,90 +53,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import GRPOConfig, ModelConfig, get_preset
+from .config import GRPOConfig
+from .io import atomic_write
 from .model import Transformer
-from .tasks import CharTokenizer, ExpressionError, Problem, make_task, parse_expression, parse_integer
-
-# --- rewards (R1 §2.2.2) ---------------------------------------------------------------------------
-
-THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
-TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-MAX_RESPONSE_CHARS = 4096  # longer responses score 0 before any scan
-
-
-def parse_r1_layout(text: str) -> tuple[str, str] | None:
-    """Split an R1-Zero response into (reasoning, answer), or None if the layout is broken.
-
-    The layout: optional whitespace, ``<think>``, reasoning (any characters, newlines included, no
-    tag), ``</think>``, optional whitespace, ``<answer>``, answer (no tag), ``</answer>``, optional
-    whitespace. Each tag exactly once, so nested or repeated tags fail. Linear time (``str.count`` and
-    ``str.find``; no backtracking regex); texts over `MAX_RESPONSE_CHARS` fail at once.
-    """
-    if not isinstance(text, str) or len(text) > MAX_RESPONSE_CHARS:
-        return None
-    if any(text.count(tag) != 1 for tag in TAGS):
-        return None
-    a, b, c, d = (text.find(tag) for tag in TAGS)
-    if not a < b < c < d:
-        return None
-    ws = " \t\r\n"
-    if text[:a].strip(ws) or text[b + len(THINK_CLOSE):c].strip(ws) or text[d + len(ANSWER_CLOSE):].strip(ws):
-        return None
-    return text[a + len(THINK_OPEN):b], text[c + len(ANSWER_OPEN):d]
-
-
-def format_reward(text: str) -> float:
-    """1.0 if `text` follows the R1-Zero layout (`parse_r1_layout`), else 0.0."""
-    return 1.0 if parse_r1_layout(text) is not None else 0.0
-
-
-def check_answer(answer: str, problem: Problem) -> bool:
-    """Whether the text inside ``<answer>`` solves `problem`. Never executes anything.
-
-    * arithmetic: an integer literal equal to the reference (an expression is refused: copying the
-      question ``"47+38"`` must not score);
-    * countdown: an expression over + - * / and parentheses using each given number exactly once
-      (no unary minus, no other numbers) whose exact value is the target.
-
-    A reference that does not parse makes every answer wrong.
-    """
-    if problem.task == "arithmetic":
-        ref = parse_integer(problem.answer)
-        got = parse_integer(answer)
-        return ref is not None and got is not None and got == ref
-    if problem.task == "countdown":
-        target = parse_integer(problem.answer)
-        if target is None or not problem.numbers:
-            return False
-        try:
-            value, used = parse_expression(answer, unary_minus=False)
-        except ExpressionError:
-            return False
-        return sorted(used) == sorted(problem.numbers) and value == target
-    return False
-
-
-def accuracy_reward(text: str, problem: Problem) -> float:
-    """1.0 if the response has the R1 layout and its answer is correct (`check_answer`), else 0.0."""
-    parsed = parse_r1_layout(text)
-    return 1.0 if parsed is not None and check_answer(parsed[1], problem) else 0.0
-
-
-def score_responses(texts: Sequence[str], problems: Sequence[Problem], format_weight: float = 0.1
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """Rewards of a batch: r = accuracy + format_weight * format.
-
-    Returns:
-        (rewards, accuracy, format), each (N,) float32.
-    Raises:
-        ValueError: if the two sequences differ in length.
-    """
-    if len(texts) != len(problems):
-        raise ValueError(f"{len(texts)} responses for {len(problems)} problems")
-    acc = torch.tensor([accuracy_reward(t, p) for t, p in zip(texts, problems)], dtype=torch.float32)
-    fmt = torch.tensor([format_reward(t) for t in texts], dtype=torch.float32)
-    return acc + format_weight * fmt, acc, fmt
-
+from .optim import SkipCounter, optimizer_step
+from .rewards import (  # noqa: F401 -- re-exported: the chapter's names stay importable from grpo
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    MAX_RESPONSE_CHARS,
+    TAGS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    accuracy_reward,
+    check_answer,
+    format_reward,
+    parse_r1_layout,
+    score_responses,
+)
+from .rl import (  # noqa: F401 -- re-exported, as above
+    Rollout,
+    SFTLosses,
+    evaluate,
+    response_logprobs,
+    sample_responses,
+    sft_batch,
+    supervised_finetune,
+    task_model_config,
+)
+from .tasks import CharTokenizer, Problem, make_task
 
 # --- group advantages (DeepSeekMath §4.1.2) ---------------------------------------------------------
 
@@ -335,211 +282,6 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     return LossOutput(loss, kl_mean, clip_frac, ratio_mean, n_valid)
 
 
-# --- sampling and log-probabilities ------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """Responses sampled for a list of prompts.
-
-    Attributes:
-        prompts: N prompt id lists (lengths may differ).
-        responses: (N, T) int64 response ids; padding (pad id) after the eos.
-        mask: (N, T) bool, True on response tokens (the eos included).
-        logp: (N, T) fp32 log-probabilities of the sampled tokens under the sampling distribution
-            (softmax(logits / temperature)); 0 at padding.
-        texts: N decoded responses (up to, not including, the eos).
-    """
-
-    prompts: list[list[int]]
-    responses: Tensor
-    mask: Tensor
-    logp: Tensor
-    texts: list[str]
-
-    @property
-    def lengths(self) -> Tensor:
-        """(N,) response lengths in tokens (eos included)."""
-        return self.mask.sum(dim=1)
-
-
-def _buckets(prompts: Sequence[Sequence[int]]) -> dict[int, list[int]]:
-    """Prompt length -> row indices: the model has no padding mask, so equal lengths share a batch."""
-    out: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        out.setdefault(len(p), []).append(i)
-    return out
-
-
-@torch.no_grad()
-def sample_responses(model: Transformer, tokenizer: CharTokenizer, prompts: Sequence[Sequence[int]],
-                     max_new_tokens: int, temperature: float = 1.0,
-                     generator: torch.Generator | None = None) -> Rollout:
-    """Sample one response per prompt with the KV cache and store each token's log-probability.
-
-    The stored log-prob is log softmax(logits / temperature) at the sampled token: the probability
-    of the distribution the token was *drawn from*, so ρ = 1 exactly when the loss recomputes it with
-    `response_logprobs` at the same temperature. Temperature 0 is greedy (log-probs at temperature 1).
-
-    Args:
-        model: the policy; run in eval mode (the mode is restored afterwards).
-        tokenizer: gives eos_id and pad_id, and decodes the texts.
-        prompts: N id lists (repeat a prompt G times for a group).
-        max_new_tokens: response budget; a response stops at its eos.
-        temperature: >= 0.
-        generator: seeded source of randomness.
-    Returns:
-        `Rollout` with T = the longest response (<= max_new_tokens).
-    Raises:
-        ValueError: on temperature < 0 or a prompt that leaves no room in max_seq_len.
-    """
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
-    was_training = model.training
-    model.eval()
-    device = model.embed.weight.device
-    N = len(prompts)
-    responses = torch.full((N, max_new_tokens), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(N, max_new_tokens, dtype=torch.bool)
-    logps = torch.zeros(N, max_new_tokens)
-    for L, rows in _buckets(prompts).items():
-        if L + max_new_tokens > model.cfg.max_seq_len:
-            raise ValueError(f"prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len="
-                             f"{model.cfg.max_seq_len}")
-        idx = torch.tensor(rows)
-        tokens = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)  # (n, L)
-        n = len(rows)
-        cache = model.new_cache(n, max_len=L + max_new_tokens)
-        logits = model(tokens, cache).logits[:, -1]  # (n, V)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            lp = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (n, V)
-            if temperature > 0:
-                nxt = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)  # (n,)
-            else:
-                nxt = lp.argmax(dim=-1)
-            live = ~done
-            responses[idx[live.cpu()], t] = nxt[live].cpu()
-            mask[idx[live.cpu()], t] = True
-            logps[idx[live.cpu()], t] = lp.gather(1, nxt[:, None]).squeeze(1)[live].cpu()
-            done = done | (nxt == tokenizer.eos_id)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            logits = model(nxt[:, None], cache).logits[:, -1]
-    model.train(was_training)
-    T = max(int(mask.sum(dim=1).max()), 1) if N else 1
-    texts = [tokenizer.decode(r.tolist()) for r in responses]
-    return Rollout([list(p) for p in prompts], responses[:, :T], mask[:, :T], logps[:, :T], texts)
-
-
-def response_logprobs(model: Transformer, prompts: Sequence[Sequence[int]], responses: Tensor,
-                      temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature) of each response token given its prompt, in one forward per length.
-
-    Args:
-        prompts: N id lists; responses: (N, T) ids (padding after the eos is harmless: causal).
-    Returns:
-        (N, T) fp32, differentiable w.r.t. the model's parameters (call under no_grad for π_ref).
-    """
-    device = model.embed.weight.device
-    N, T = responses.shape
-    out = torch.zeros(N, T, device=device)
-    for L, rows in _buckets(prompts).items():
-        idx = torch.tensor(rows, device=device)
-        prompt = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)  # (n, L)
-        resp = responses[idx.cpu()].to(device)  # (n, T)
-        tokens = torch.cat([prompt, resp[:, :-1]], dim=1)  # (n, L + T - 1): position L-1+t predicts resp[t]
-        logits = model(tokens).logits[:, L - 1:]  # (n, T, V)
-        lp = F.log_softmax(logits.float() / temperature, dim=-1).gather(2, resp[..., None]).squeeze(-1)
-        out = out.index_copy(0, idx, lp)
-    return out
-
-
-# --- the model, supervised warm-up, evaluation --------------------------------------------------------
-
-
-def task_model_config(max_seq_len: int = 64) -> ModelConfig:
-    """The course's tiny DeepSeek (`get_preset("tiny")`: MLA + DeepSeekMoE with the V3 gate) for the
-    task text: the 64-id `CharTokenizer` vocabulary, 64 positions, 3 blocks of width 64 (CPU-fast),
-    no MTP module."""
-    return get_preset("tiny").replace(vocab_size=CharTokenizer.vocab_size, max_seq_len=max_seq_len, dim=64,
-                                      n_layers=3, inter_dim=192, moe_inter_dim=64, n_mtp_depth=0)
-
-
-def _sft_batch(tokenizer: CharTokenizer, problems: Sequence[Problem]) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, S) inputs, (B, S) targets, (B, S) loss mask: next-token prediction on the solution and eos only."""
-    seqs, starts = [], []
-    for p in problems:
-        prompt = tokenizer.encode(p.prompt)
-        seqs.append(prompt + tokenizer.encode(p.solution) + [tokenizer.eos_id])
-        starts.append(len(prompt))
-    S = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), S), tokenizer.pad_id, dtype=torch.long)
-    y = torch.full((len(seqs), S), tokenizer.pad_id, dtype=torch.long)
-    m = torch.zeros(len(seqs), S, dtype=torch.bool)
-    for i, (s, st) in enumerate(zip(seqs, starts)):
-        x[i, :len(s) - 1] = torch.tensor(s[:-1])
-        y[i, :len(s) - 1] = torch.tensor(s[1:])
-        m[i, st - 1:len(s) - 1] = True  # predict every response token from the last prompt token on
-    return x, y, m
-
-
-def supervised_finetune(model: Transformer, tokenizer: CharTokenizer, task, steps: int, batch_size: int = 32,
-                        lr: float = 3e-3, seed: int = 0, progress: bool = True,
-                        on_step: Callable[[int, float], None] | None = None,
-                        schedule_steps: int | None = None) -> list[float]:
-    """Teach the layout and the worked solutions by next-token prediction on the response tokens.
-
-    AdamW (weight decay 0.01), 10% linear warmup then cosine to 10% over `schedule_steps` (default
-    `steps`), gradient clipping at 1, the MoE balance loss added and the routing biases updated after
-    each step (as in `train.py`). With schedule_steps > steps the run stops part-way through its
-    schedule, before the learning rate has annealed: a checkpoint that is partly right and still
-    unsure, the starting point GRPO can improve (notebook 10 says why).
-
-    `on_step(step, loss)` is called after each step (1-based), e.g. to evaluate along the way.
-
-    Returns:
-        The loss of each step (nats/token).
-    """
-    from tqdm.auto import tqdm
-
-    device = model.embed.weight.device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    total = max(steps, schedule_steps or steps)
-    warm = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    rng = random.Random(seed)
-    losses = []
-    model.train()
-    for _ in tqdm(range(steps), desc="SFT", disable=not progress, leave=False):
-        x, y, m = _sft_batch(tokenizer, task.problems(batch_size, "train", seed=rng.randrange(2**31)))
-        x, y, m = x.to(device), y.to(device), m.to(device)
-        out = model(x)
-        ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1), reduction="none")
-        loss = (ce * m.reshape(-1)).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        (loss + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        model.update_router_biases()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(len(losses), losses[-1])
-    return losses
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, tokenizer: CharTokenizer, problems: Sequence[Problem], max_new_tokens: int = 32
-             ) -> dict[str, float]:
-    """Greedy answers to `problems`: accuracy, format rate and mean response length (tokens)."""
-    prompts = [tokenizer.encode(p.prompt) for p in problems]
-    ro = sample_responses(model, tokenizer, prompts, max_new_tokens, temperature=0.0)
-    _, acc, fmt = score_responses(ro.texts, problems)
-    return {"accuracy": float(acc.mean()), "format": float(fmt.mean()), "length": float(ro.lengths.float().mean())}
-
-
 # --- the GRPO loop ------------------------------------------------------------------------------------
 
 
@@ -550,6 +292,7 @@ class GRPOResult:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     elapsed: float = 0.0
+    skipped_steps: int = 0  # optimizer updates skipped for a non-finite gradient (optim.py's policy)
 
 
 def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConfig,
@@ -563,6 +306,10 @@ def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConf
     `updates_per_batch` AdamW steps on the clipped loss of `cfg.variant` (DAPO: zero-variance groups
     dropped). The policy runs in eval mode throughout, so the MoE routing biases stay fixed: a bias
     update between sampling and loss would make π_old differ from the sampling policy.
+
+    Each update goes through `optim.optimizer_step`: an update whose gradient is not finite is skipped
+    (counted in "skipped_steps" and `GRPOResult.skipped_steps`); after `cfg.max_skipped_steps` skips in a
+    row `optim.NonFiniteError` is raised.
 
     Logged per step: reward, accuracy, format, response length (tokens), KL (k3, to π_ref), clip
     fraction, the share of zero-variance groups. Held-out greedy accuracy every `eval_every` steps
@@ -583,6 +330,7 @@ def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConf
     rng = random.Random(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     G, P = cfg.group_size, cfg.prompts_per_step
+    skips = SkipCounter(cfg.max_skipped_steps, result.skipped_steps)
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"GRPO ({cfg.variant})", disable=not progress, leave=False)
     for step in bar:
@@ -608,10 +356,8 @@ def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConf
                               max_tokens=cfg.max_new_tokens, keep=None if keep is None else keep.to(device))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
+            done = optimizer_step(model, opt, sched, cfg.grad_clip)  # skipped when the gradient is not finite
+            skips.update(done, where=f"GRPO step {step + 1}")
             stats.append(out)
         first = stats[0] if stats else None
         row = {
@@ -620,21 +366,59 @@ def grpo_train(model: Transformer, tokenizer: CharTokenizer, task, cfg: GRPOConf
             "kl": float(first.kl) if first else 0.0,
             "clip_frac": float(sum(float(s.clip_frac) for s in stats) / len(stats)) if stats else 0.0,
             "zero_var_groups": float(equal.float().mean()), "loss": float(first.loss.detach()) if first else 0.0,
+            "skipped_steps": skips.skipped,
         }
         result.history.append(row)
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
         last = step + 1 == cfg.steps
         if eval_problems and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             result.evals.append({"step": step + 1, **evaluate(model, tokenizer, eval_problems, cfg.max_new_tokens)})
+        result.skipped_steps = skips.skipped
     result.elapsed += time.perf_counter() - t0
     return result
 
 
-def run(cfg: GRPOConfig, progress: bool = True, out_path: str | Path | None = None) -> dict[str, Any]:
+@dataclass
+class GRPORunResult:
+    """What `run` returns: the whole R1-Zero-in-miniature run.
+
+    Attributes:
+        config, model_config: the GRPOConfig's and the model's `to_dict()`.
+        n_parameters: the model's parameters.
+        sft_losses: loss of each SFT step (nats/token); sft_seconds, grpo_seconds: wall time.
+        accuracy_sft, accuracy_grpo: held-out greedy accuracy before and after GRPO.
+        evals, history: `GRPOResult`'s held-out evaluations and per-step records.
+        skipped_steps: SFT + GRPO optimizer steps skipped for a non-finite gradient.
+        model: the trained model (not written to JSON).
+    """
+
+    config: dict[str, Any]
+    model_config: dict[str, Any]
+    n_parameters: int
+    sft_losses: list[float]
+    sft_seconds: float
+    grpo_seconds: float
+    accuracy_sft: float
+    accuracy_grpo: float
+    evals: list[dict[str, float]]
+    history: list[dict[str, float]]
+    skipped_steps: int = 0
+    model: Transformer | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON record written to metrics.json (keys as before: "model" is the model's config)."""
+        return {"config": self.config, "model": self.model_config, "n_parameters": self.n_parameters,
+                "sft_losses": list(self.sft_losses), "sft_seconds": self.sft_seconds,
+                "grpo_seconds": self.grpo_seconds, "accuracy_sft": self.accuracy_sft,
+                "accuracy_grpo": self.accuracy_grpo, "evals": self.evals, "history": self.history,
+                "skipped_steps": self.skipped_steps}
+
+
+def run(cfg: GRPOConfig, progress: bool = True, out_path: str | Path | None = None) -> GRPORunResult:
     """The whole R1-Zero-in-miniature run: a fresh tiny model, SFT, evaluation, GRPO, evaluation.
 
-    Returns (and writes to `out_path` as JSON when given) the configs, the SFT losses, the held-out
-    accuracy before and after GRPO, and the GRPO history.
+    Returns a `GRPORunResult` (and writes its `to_json()` to `out_path`, atomically, when given): the
+    configs, the SFT losses, the held-out accuracy before and after GRPO, and the GRPO history.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -647,20 +431,17 @@ def run(cfg: GRPOConfig, progress: bool = True, out_path: str | Path | None = No
     test = task.problems(cfg.n_eval, "test", seed=12345, distinct=True)
     t0 = time.perf_counter()
     sft_losses = supervised_finetune(model, tokenizer, task, cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr,
-                                     cfg.seed, progress, schedule_steps=cfg.sft_schedule_steps)
+                                     cfg.seed, progress, schedule_steps=cfg.sft_schedule_steps,
+                                     max_skipped_steps=cfg.max_skipped_steps)
     sft_time = time.perf_counter() - t0
     before = evaluate(model, tokenizer, test, cfg.max_new_tokens)
     res = grpo_train(model, tokenizer, task, cfg, test, progress=progress,
                      result=GRPOResult(evals=[{"step": 0, **before}]))
-    after = res.evals[-1]
-    out = {
-        "config": cfg.to_dict(), "model": model.cfg.to_dict(), "n_parameters": model.num_parameters(),
-        "sft_losses": sft_losses, "sft_seconds": sft_time, "grpo_seconds": res.elapsed,
-        "accuracy_sft": before["accuracy"], "accuracy_grpo": after["accuracy"],
-        "evals": res.evals, "history": res.history,
-    }
+    out = GRPORunResult(
+        config=cfg.to_dict(), model_config=model.cfg.to_dict(), n_parameters=model.num_parameters(),
+        sft_losses=list(sft_losses), sft_seconds=sft_time, grpo_seconds=res.elapsed,
+        accuracy_sft=before["accuracy"], accuracy_grpo=res.evals[-1]["accuracy"], evals=res.evals,
+        history=res.history, skipped_steps=sft_losses.skipped_steps + res.skipped_steps, model=model)
     if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
-    out["model_object"] = model
+        atomic_write(out_path, (json.dumps(out.to_json(), indent=1) + "\n").encode())
     return out

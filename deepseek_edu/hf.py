@@ -438,7 +438,9 @@ def config_from_hf(hf, **training_fields: Any) -> ModelConfig:
         a validated `ModelConfig` with attention="mla".
     Raises:
         ValueError: for a model_type other than deepseek_v3/deepseek_v2, attention or MLP biases, an
-            activation other than SiLU, num_key_value_heads != num_attention_heads, a RoPE type other
+            activation other than SiLU, attention dropout, moe_layer_freq != 1, a V3 topk_method other
+            than noaux_tc or scoring_func other than sigmoid, a V2 scoring_func other than softmax or
+            norm_topk_prob=True, num_key_value_heads != num_attention_heads, a RoPE type other
             than default/yarn, YaRN that our rotary code cannot reproduce (mscale != mscale_all_dim, an
             explicit attention_factor, no context extension), or a V2 topk_method we do not know.
     """
@@ -451,6 +453,20 @@ def config_from_hf(hf, **training_fields: Any) -> ModelConfig:
         e.append("attention_bias/mlp_bias=True: our projections have no bias")
     if getattr(hf, "hidden_act", "silu") != "silu":
         e.append(f"hidden_act={hf.hidden_act!r}: our SwiGLU uses SiLU")
+    if float(getattr(hf, "attention_dropout", 0.0) or 0.0) != 0.0:
+        e.append(f"attention_dropout={hf.attention_dropout}: our attention has no dropout")
+    if (getattr(hf, "moe_layer_freq", 1) or 1) != 1:
+        e.append(f"moe_layer_freq={hf.moe_layer_freq}: every layer from first_k_dense_replace on is MoE here")
+    # Fields DeepSeek's own config.json carries and transformers' modeling code fixes: accepted only at
+    # the value both agree on, so that the model we build computes what the config says.
+    expected = {"v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+                "v2": {"scoring_func": "softmax"}}[kind]
+    for name, value in expected.items():
+        if getattr(hf, name, value) != value:
+            e.append(f"{name}={getattr(hf, name)!r}: a {hf.model_type} router uses {name}={value!r}")
+    if kind == "v2" and getattr(hf, "norm_topk_prob", False):
+        e.append("norm_topk_prob=True: DeepseekV2's router never normalises the top-k weights (transformers "
+                 "ignores the field), so the config asks for what no V2 model computes")
     if (hf.num_key_value_heads or hf.num_attention_heads) != hf.num_attention_heads:
         e.append(f"num_key_value_heads={hf.num_key_value_heads} != "
                  f"num_attention_heads={hf.num_attention_heads}")

@@ -130,6 +130,20 @@ class MLA(nn.Module):
         o_latent = torch.einsum("bsht,btc->bshc", probs, kv)  # (B, S, H, C)
         return torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # (B, S, H, Dv)
 
+    def resolve_impl(self, impl: str | None = None, cache: KVCache | None = None) -> str:
+        """The path a call with `impl` (None = `self.impl`) takes; "auto" is naive without a cache and
+        absorbed with one. Each value v but "auto" names a method `_attend_<v>`.
+
+        Raises:
+            ValueError: `impl` not in `MLA_IMPLS`.
+        """
+        impl = self.impl if impl is None else impl
+        if impl not in MLA_IMPLS:
+            raise ValueError(f"impl={impl!r} must be one of MLA_IMPLS = {MLA_IMPLS}")
+        if impl == "auto":
+            return "naive" if cache is None else "absorbed"
+        return impl
+
     def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None, impl: str | None = None) -> Tensor:
         """Attend from the S new positions of `x` to all cached positions and themselves.
 
@@ -144,11 +158,7 @@ class MLA(nn.Module):
         Raises:
             ValueError: on an unknown `impl`.
         """
-        impl = self.impl if impl is None else impl
-        if impl not in MLA_IMPLS:
-            raise ValueError(f"impl={impl!r} must be one of {MLA_IMPLS}")
-        if impl == "auto":
-            impl = "naive" if cache is None else "absorbed"
+        impl = self.resolve_impl(impl, cache)
         B, S, _ = x.shape
         start_pos = cache.length if cache is not None else 0
         q_nope, q_pe = self._queries(x, freqs_cis)
@@ -156,6 +166,6 @@ class MLA(nn.Module):
         if cache is not None:
             both = cache.update(kv=kv, pe=pe)
             kv, pe = both["kv"].to(x.dtype), both["pe"].to(x.dtype)  # (B, T, C), (B, T, R)
-        attend = self._attend_absorbed if impl == "absorbed" else self._attend_naive
+        attend = getattr(self, f"_attend_{impl}")  # one method per path: _attend_naive, _attend_absorbed, ...
         out = attend(q_nope, q_pe, kv, pe, start_pos)  # (B, S, H, Dv)
         return self.wo(out.reshape(B, S, self.n_heads * self.v_head_dim))

@@ -1,4 +1,4 @@
-"""The decoder: `Block` and `Transformer`. This module composes; attention, FFN and norms live elsewhere.
+"""The decoder: `Transformer` (its `Block` lives in block.py). This module composes; attention, FFN and norms live elsewhere.
 
     tokens (B, S) -> embed -> [ Block: x + attn(attn_norm(x)); x + ffn(ffn_norm(x)) ] x n_layers
                   -> norm -> head -> logits (B, S, V)
@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .attention import Attention, KVCache
+from .attention import KVCache
+from .block import Block
 from .config import ModelConfig
-from .ffn import MLP
-from .mla import MLA
-from .moe import MoE, MoEOutput
+from .moe import MoE
+from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
+
+__all__ = ["Block", "ModelCache", "ModelOutput", "Transformer"]  # Block: re-exported (its home is block.py)
 
 
 @dataclass
@@ -77,40 +79,6 @@ class ModelCache:
         return sum(layer.nbytes for layer in self.layers)
 
 
-def _attention(cfg: ModelConfig) -> nn.Module:
-    return MLA(cfg) if cfg.attention == "mla" else Attention(cfg)
-
-
-def _ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
-    if cfg.uses_moe and layer_id >= cfg.n_dense_layers:
-        return MoE(cfg)
-    return MLP(cfg.dim, cfg.inter_dim)
-
-
-class Block(nn.Module):
-    """One pre-norm Transformer block: attention, then a dense FFN or DeepSeekMoE.
-
-    Shapes: (B, S, D) -> ((B, S, D), the layer's `MoEOutput` or None for a dense FFN).
-    """
-
-    def __init__(self, layer_id: int, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = _attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = _ffn(cfg, layer_id)
-
-    def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None,
-                attn_impl: str | None = None) -> tuple[Tensor, MoEOutput | None]:
-        h = self.attn_norm(x)
-        x = x + (self.attn(h, freqs_cis, cache) if attn_impl is None else self.attn(h, freqs_cis, cache, impl=attn_impl))
-        f = self.ffn(self.ffn_norm(x))
-        if isinstance(f, MoEOutput):
-            return x + f.y, f
-        return x + f, None
-
-
 class Transformer(nn.Module):
     """Decoder-only language model built from a `ModelConfig`.
 
@@ -135,8 +103,6 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         if cfg.n_mtp_depth > 0:
-            from .mtp import MTPModule  # here, not at the top: mtp.py builds on `Block`
-
             # Construction draws random numbers that reset_parameters overwrites anyway; forking keeps the
             # main weights equal to those of the same config without MTP (a clean with/without ablation).
             with torch.random.fork_rng(devices=[]):
@@ -217,7 +183,8 @@ class Transformer(nn.Module):
             tokens: (B, S) integer token ids in [0, vocab_size).
             cache: a `ModelCache` from `new_cache`; the tokens are placed after what it holds, and
                 it is extended in place. None runs positions 0..S-1 without state.
-            attn_impl: MLA only: "naive", "absorbed" or "auto" for this call (None = each layer's default).
+            attn_impl: the attention path for this call, one of the attention class's IMPLS
+                (`mla.MLA_IMPLS`, `attention.ATTENTION_IMPLS`); None = each layer's `impl`.
             mtp: run the MTP modules (DeepSeek-V3 §2.2) and fill `mtp_logits`. None (default) = when the
                 model has them and no cache is given (training and evaluation forwards); decoding
                 with a cache skips them. The main logits are the same either way.
@@ -226,11 +193,14 @@ class Transformer(nn.Module):
             (B, S - k, V), expert_load).
         Raises:
             ValueError: on ids out of range, a sequence longer than max_seq_len, cache overflow,
-                `attn_impl` given for a model without MLA, or mtp=True with a cache or without MTP modules.
+                an `attn_impl` its attention class does not have, or mtp=True with a cache or without MTP modules.
         """
-        if attn_impl is not None and self.cfg.attention != "mla":
-            raise ValueError(f"attn_impl={attn_impl!r} applies to attention='mla' only, this model has "
-                             f"attention={self.cfg.attention!r}")
+        if attn_impl is not None:  # checked before any layer runs (each layer checks it again)
+            try:
+                self.layers[0].attn.resolve_impl(attn_impl)
+            except ValueError as exc:
+                raise ValueError(f"attn_impl={attn_impl!r} is not a path of attention={self.cfg.attention!r}: "
+                                 f"{exc}") from None
         if mtp and (cache is not None or self.mtp is None):
             raise ValueError("mtp=True needs a model with MTP modules (n_mtp_depth > 0) and no cache; "
                              "speculative decoding drives them with their own caches (generate.py)")

@@ -32,6 +32,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .dispatch import (  # noqa: F401 -- re-exported: these lived here before dispatch.py
+    DISPATCH_IMPLS,
+    ExpertOrder,
+    combine,
+    compute_dtype,
+    expert_counts,
+    gather_pairs,
+    grouped_linear,
+    grouped_mm_available,
+    permute_rows,
+    sort_by_expert,
+    sum_slots,
+    wgrad_splits,
+)
 from .ffn import MLP
 
 
@@ -54,7 +68,7 @@ class Routing:
     scores: Tensor
 
 
-def _topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries along the last axis, largest first: (values, int64 indices), each (..., k).
 
     The values `torch.topk` returns, and its indices wherever no two values tie; on a tie the lower
@@ -112,11 +126,11 @@ class Gate(nn.Module):
             if self.group_score == "max":
                 group_scores = grouped.amax(dim=-1)  # (N, n_groups), V2
             else:
-                group_scores = _topk(grouped, 2)[0].sum(dim=-1)  # (N, n_groups), V3
-            kept = _topk(group_scores, self.topk_groups)[1]  # (N, topk_groups)
+                group_scores = stable_topk(grouped, 2)[0].sum(dim=-1)  # (N, n_groups), V3
+            kept = stable_topk(group_scores, self.topk_groups)[1]  # (N, topk_groups)
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
             biased = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)  # (N, E)
-        indices = _topk(biased, self.topk)[1]  # (N, K)
+        indices = stable_topk(biased, self.topk)[1]  # (N, K)
         weights = scores.gather(1, indices)  # (N, K) from the UNBIASED scores
         if self.norm_topk_prob:
             # + 1e-20: sigmoid scores underflow to 0 for logits below about -104 (fp32); without it the
@@ -151,17 +165,6 @@ def update_bias(bias: Tensor, load: Tensor, speed: float) -> Tensor:
     load = load.float()
     bias += speed * torch.sign(load.mean() - load)
     return bias
-
-
-def expert_counts(indices: Tensor, n_experts: int) -> Tensor:
-    """Tokens routed to each expert: indices (...,) integer ids in [0, E) -> (E,) int64 counts.
-
-    A scatter-add of ones into E fixed slots. Unlike `torch.bincount`, whose output length depends on
-    the largest index, the shape is known before the data, so `torch.compile` traces it into the
-    graph instead of breaking it there (integer adds, so the counts are exact on every run).
-    """
-    flat = indices.flatten().long()  # scatter_add_ wants int64 ids and ones of the counts' dtype
-    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def max_violation(load: Tensor) -> float:
@@ -225,138 +228,7 @@ class MoEOutput:
     load: Tensor
 
 
-def _sum_slots(v: Tensor) -> Tensor:
-    """(N, K, D) -> (N, D): each token's K slots summed.
-
-    For K = 2 one elementwise add of two strided views (the exactly rounded sum), which runs several
-    times faster on a GPU than a reduction over a middle axis of size 2; for larger K the reduction.
-    """
-    if v.shape[1] > 2:  # a chain of K - 1 passes costs more than one reduction from K = 3 on
-        return v.sum(dim=1)
-    return v[:, 0] if v.shape[1] == 1 else v[:, 0] + v[:, 1]
-
-
-class _GatherPairs(torch.autograd.Function):
-    """x (N, D) -> (N*K, D) in expert order: row j is token order[j] // K (pair p = token * K + slot).
-
-    Backward brings the rows back to pair order with a gather by `position` (the inverse of `order`)
-    and sums each token's K slots: no atomic adds, the same bits on every run.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, position: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(position)
-        ctx.k = k
-        return x.index_select(0, order // k)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (position,) = ctx.saved_tensors
-        n_pairs, d = grad.shape
-        return _sum_slots(grad.index_select(0, position).view(n_pairs // ctx.k, ctx.k, d)), None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """rows[perm]: a permutation of rows whose backward is the inverse permutation (a gather, no atomics)."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return rows.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class _GroupedLinear(torch.autograd.Function):
-    """Every expert's linear map in one grouped GEMM: y[rows of e] = x[rows of e] @ w[e]^T.
-
-    Shapes: x (T, D_in) with the rows of expert e in the block offs[e-1]:offs[e] (offs (E,) int32,
-    cumulative, on the device), w (E, D_out, D_in) -> y (T, D_out). Backward: grad_x is again one
-    grouped GEMM over the row blocks; grad_w[e] = grad_y[block e]^T @ x[block e] sums over the rows of
-    expert e, so its GEMM is grouped along the *inner* dimension, and one GEMM tile of a busy expert
-    runs through all that expert's rows while the tiles of idle experts are done. With `splits` > 1
-    each block is cut into that many consecutive sub-blocks of (nearly) equal size whose partial
-    gradients (in the GEMM's dtype) are summed in fp32: in fp32 the same sum in another order, in bf16
-    one more rounding per partial; the work of a busy expert is spread over `splits` times
-    more tiles (on the H200, benchmarks/profile_train_step.py; a router is seldom balanced early on).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, splits: int) -> Tensor:
-        ctx.save_for_backward(x, w, offs)
-        ctx.splits = splits
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, w, offs = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch._grouped_mm(grad, w, offs=offs)  # (T, D_in)
-        n_experts, d_out, d_in = w.shape
-        s = ctx.splits
-        if s > 1:  # sub-block j of expert e ends at start_e + floor(j * count_e / s), j = 1..s
-            ends = offs.long()
-            counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,)
-            parts = torch.arange(1, s + 1, device=offs.device)  # (s,)
-            sub_offs = ((ends - counts)[:, None] + counts[:, None] * parts // s).flatten().to(torch.int32)
-            partial = torch._grouped_mm(grad.t(), x, offs=sub_offs)  # (E*s, D_out, D_in)
-            grad_w = partial.view(n_experts, s, d_out, d_in).float().sum(dim=1).to(w.dtype)
-        else:
-            grad_w = torch._grouped_mm(grad.t(), x, offs=offs)  # (E, D_out, D_in)
-        return grad_x, grad_w, None, None
-
-
-def wgrad_splits(device: torch.device, n_experts: int, d_out: int, d_in: int) -> int:
-    """Sub-blocks per expert for the weight gradient of `_GroupedLinear` (1 = none).
-
-    On CUDA, when all experts' (d_out, d_in) gradients together hold fewer than 1,024 output tiles of
-    128 x 128 (a few waves of an H200's 132 SMs), as many sub-blocks (at most 4) as bring them near
-    1,024: with so few tiles, the tiles of a busy expert would run on alone at the end. Else 1: the
-    tiles already keep the GPU busy, and the partial sums cost `splits` times the gradient's memory
-    (measured slower for 64 experts at D 2048, benchmarks/moe_layer.py). 1 on CPU, where torch's
-    reference kernel loops over the groups.
-    """
-    if device.type != "cuda":
-        return 1
-    tiles = n_experts * -(-d_out // 128) * -(-d_in // 128)
-    return max(1, min(4, 1024 // tiles))
-
-
-DISPATCH_IMPLS = ("auto", "grouped", "loop")
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype matmuls on x run in: the autocast dtype inside an autocast region, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def grouped_mm_available(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
-    """Whether `torch._grouped_mm` (one launch for all experts' GEMMs) serves this device and dtype.
-
-    CPU: fp32 or bf16 (torch's reference implementation); under `torch.compile` bf16 only, because
-    torch's shape function for the op accepts nothing else. CUDA: bf16 on compute capability >= 9.0
-    (Hopper's grouped GEMM kernel). Every matrix width in `widths` (here dim and moe_inter_dim) must
-    be a multiple of 16 bytes, which the kernels require of the strides. Elsewhere the loop is used.
-    """
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if any(w * itemsize % 16 for w in widths):
-        return False
-    if device.type == "cpu":
-        return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
-    return device.type == "cuda" and dtype == torch.bfloat16 and _cuda_major(device.index or 0) >= 9
-
-
-@torch.compiler.assume_constant_result
-def _cuda_major(index: int) -> int:
-    """The compute capability's major number of CUDA device `index`; a constant to `torch.compile`."""
-    return torch.cuda.get_device_capability(index)[0]
+MOE_IMPLS = DISPATCH_IMPLS  # ("auto", "grouped", "loop"): the values of MoE.impl
 
 
 class MoE(nn.Module):
@@ -368,12 +240,13 @@ class MoE(nn.Module):
     `shared_experts` (one `Expert` of width n_shared_experts * moe_inter_dim, as DeepSeek stores it:
     k shared experts of width m are one SwiGLU of width k * m), absent when n_shared_experts == 0.
 
-    Attribute `dispatch_impl`: "loop" calls each `Expert` module on its block of tokens (one GEMM
+    Attribute `impl` (one of `MOE_IMPLS`; `dispatch_impl` is the same attribute under its older
+    name): "loop" calls each `Expert` module on its block of tokens (one GEMM
     launch per expert and matrix, and a host sync for the block sizes); "grouped" runs all experts'
     GEMMs as one `torch._grouped_mm` per matrix, with the block sizes kept on the device; "auto"
     (default) picks "grouped" where `grouped_mm_available`, else "loop". Both give the same output.
     Attribute `wgrad_splits`: on the grouped path, how many sub-blocks each expert's rows are cut into
-    for the weight gradient (`_GroupedLinear`); 0 (default) = `wgrad_splits(device, E, m, D)`.
+    for the weight gradient (`dispatch.grouped_linear`); 0 (default) = `wgrad_splits(device, E, m, D)`.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -383,7 +256,7 @@ class MoE(nn.Module):
         self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
         self.bias_update_speed = cfg.bias_update_speed
         self.seq_aux_loss_alpha, self.expert_aux_loss_alpha = cfg.seq_aux_loss_alpha, cfg.expert_aux_loss_alpha
-        self.dispatch_impl = "auto"
+        self.impl = "auto"  # MOE_IMPLS: how the experts' GEMMs run (see the class docstring)
         self.wgrad_splits = 0  # grouped path: sub-blocks per expert in the weight gradient; 0 = `wgrad_splits`
         self.gate = Gate(cfg)
         self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
@@ -394,12 +267,26 @@ class MoE(nn.Module):
         self.register_buffer("load_since_update", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
                              persistent=False)
 
-    def _resolve_impl(self, x: Tensor, impl: str | None) -> str:
-        impl = self.dispatch_impl if impl is None else impl
-        if impl not in DISPATCH_IMPLS:
-            raise ValueError(f"dispatch impl {impl!r} must be one of {DISPATCH_IMPLS}")
+    @property
+    def dispatch_impl(self) -> str:
+        """The older name of `impl` (kept for notebooks and scripts that set it)."""
+        return self.impl
+
+    @dispatch_impl.setter
+    def dispatch_impl(self, value: str) -> None:
+        self.impl = value
+
+    def resolve_impl(self, x: Tensor, impl: str | None = None) -> str:
+        """The path ("grouped" or "loop") a call with input x and `impl` (None = `self.impl`) takes.
+
+        Raises:
+            ValueError: `impl` not in `MOE_IMPLS`, or "grouped" where `grouped_mm_available` says no.
+        """
+        impl = self.impl if impl is None else impl
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"dispatch impl {impl!r} must be one of MOE_IMPLS = {MOE_IMPLS}")
         widths = (x.shape[-1], self.experts[0].w1.out_features)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         if impl == "auto":
             return "grouped" if grouped_mm_available(x.device, dtype, *widths) else "loop"
         if impl == "grouped" and not grouped_mm_available(x.device, dtype, *widths):
@@ -407,7 +294,7 @@ class MoE(nn.Module):
                              f"with dim and moe_inter_dim {widths} multiples of 16 bytes; use 'loop'")
         return impl
 
-    def _experts_grouped(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
+    def experts_grouped(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
         """All experts at once: x_sorted (N*K, D) in expert blocks of sizes counts (E,) -> (N*K, D), weighted.
 
         The experts' matrices are stacked (E, m, D) for the call (a copy per forward; the parameters
@@ -417,19 +304,19 @@ class MoE(nn.Module):
         (N*K, m) hidden activation before w2, which equals weighting the output (w2 is linear) and
         touches m instead of D values per row.
         """
-        dtype = _compute_dtype(x_sorted)  # under autocast: its dtype, as nn.Linear would compute
+        dtype = compute_dtype(x_sorted)  # under autocast: its dtype, as nn.Linear would compute
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block, on the device
         w1 = torch.stack([e.w1.weight for e in self.experts]).to(dtype)  # (E, m, D)
         w3 = torch.stack([e.w3.weight for e in self.experts]).to(dtype)  # (E, m, D)
         w2 = torch.stack([e.w2.weight for e in self.experts]).to(dtype)  # (E, D, m)
         x_sorted = x_sorted.to(dtype)
         splits = self.wgrad_splits or wgrad_splits(x_sorted.device, *w1.shape)
-        a = _GroupedLinear.apply(x_sorted, w1, offs, splits)  # (N*K, m)
-        b = _GroupedLinear.apply(x_sorted, w3, offs, splits)  # (N*K, m)
+        a = grouped_linear(x_sorted, w1, offs, splits)  # (N*K, m)
+        b = grouped_linear(x_sorted, w3, offs, splits)  # (N*K, m)
         h = F.silu(a) * b * w_sorted.to(dtype).unsqueeze(-1)  # (N*K, m)
-        return _GroupedLinear.apply(h, w2, offs, splits)  # (N*K, D)
+        return grouped_linear(h, w2, offs, splits)  # (N*K, D)
 
-    def _experts_loop(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
+    def experts_loop(self, x_sorted: Tensor, counts: Tensor, w_sorted: Tensor) -> Tensor:
         """Each `Expert` module once on its contiguous block (x_sorted.split(counts)), then weighted.
 
         An expert without tokens runs on its empty block too, so that its weights get a zero gradient
@@ -443,30 +330,28 @@ class MoE(nn.Module):
         """Run each expert once on the tokens routed to it and combine with the weights.
 
         x (N, D), routing weights/indices (N, K) -> (y (N, D) in x's dtype, counts (E,) int64 tokens
-        per expert). `impl`: "auto" | "grouped" | "loop" (None = `self.dispatch_impl`).
+        per expert). `impl`: one of `MOE_IMPLS` (None = `self.impl`).
 
         How (benchmarks/moe_layer.py measures each choice): the N*K (token, slot) pairs are sorted by
         expert, so every expert's tokens form one contiguous block; the experts run on their blocks
         (one grouped GEMM, or a loop of per-expert GEMMs); rows go back to (token, slot) order and
         each token sums its K slots. Rows move by permutations whose backward is the inverse
-        permutation (`_GatherPairs`, `_Permute`), never by `index_add_`: no atomic adds in bf16 and
+        permutation (`dispatch.gather_pairs`, `dispatch.permute_rows`), never by `index_add_`: no atomic adds in bf16 and
         the same result on every run. The weights are cast to x's dtype before they multiply, as in
         DeepSeek's reference (`weights.type_as(x)`).
         Raises:
             ValueError: for an unknown impl.
         """
-        impl = self._resolve_impl(x, impl)
-        N, K = routing.indices.shape
-        flat_experts = routing.indices.flatten()  # (N*K,) expert of each (token, slot) pair
-        order = flat_experts.argsort(stable=True)  # (N*K,) sorted position -> pair
-        position = torch.empty_like(order).index_copy_(  # (N*K,) pair -> sorted position (inverse of order)
-            0, order, torch.arange(N * K, device=order.device))
-        counts = expert_counts(flat_experts, self.n_experts)  # (E,) tokens per expert
-        x_sorted = _GatherPairs.apply(x, order, position, K)  # (N*K, D) expert after expert
-        w_sorted = _Permute.apply(routing.weights.flatten().to(x.dtype), order, position)  # (N*K,)
-        run = self._experts_grouped if impl == "grouped" else self._experts_loop
-        out_sorted = run(x_sorted, counts, w_sorted)  # (N*K, D), weighted, in x_sorted's order
-        y = _sum_slots(_Permute.apply(out_sorted, position, order).view(N, K, -1))  # (N, D)
+        impl = self.resolve_impl(x, impl)
+        K = routing.indices.shape[1]
+        order = sort_by_expert(routing.indices, self.n_experts)  # pairs sorted by expert; counts (E,)
+        x_sorted = gather_pairs(x, order.order, order.position, K)  # (N*K, D) expert after expert
+        w_sorted = permute_rows(routing.weights.flatten().to(x.dtype), order.order, order.position)  # (N*K,)
+        # Expert parallelism plugs in here: send each expert's contiguous block to its device and back.
+        run = self.experts_grouped if impl == "grouped" else self.experts_loop
+        out_sorted = run(x_sorted, order.counts, w_sorted)  # (N*K, D), weighted, in x_sorted's order
+        y = combine(out_sorted, order, K)  # (N, D)
+        counts = order.counts
         return y.to(x.dtype), counts  # x's dtype on both paths, autocast or not
 
     def forward(self, x: Tensor) -> MoEOutput:

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache
+from .block import Block
 from .config import ModelConfig
-from .model import Block
 from .moe import MoEOutput
 from .norm import RMSNorm
 

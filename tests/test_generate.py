@@ -11,6 +11,8 @@ Checks:
   documented rule), checked on hand-made distributions including the exact boundary (0.25 each:
   top_p 0.5 keeps exactly two); top-p applies to what top-k left (as `transformers`' warpers do);
 - eos: a row stops at eos and is padded with eos; generation ends when every row has stopped;
+- edge values equal their limits exactly: top_k = 1 and top_p -> 0 are argmax (ties included), a tiny
+  temperature is greedy and never NaN, a huge one finite and uniform;
 - errors: bad temperature / top_k / top_p / max_new_tokens, empty or 3-D prompts, and requests
   longer than max_seq_len raise ValueError;
 - speculative decoding (FAULTS E): token for token the greedy output for every attention kind, dense
@@ -27,7 +29,7 @@ import pytest
 import torch
 
 from deepseek_edu.config import ModelConfig
-from deepseek_edu.generate import generate, sample_next, speculative_generate
+from deepseek_edu.generate import generate, sample_logprobs, sample_next, speculative_generate
 from deepseek_edu.model import Transformer
 
 V = 61
@@ -321,3 +323,71 @@ def test_speculative_with_deep_mtp_and_a_short_prompt_equals_greedy():
         for n in (1, 2, 5, 9):
             out = speculative_generate(model, prompt, n, n_draft=3)
             assert torch.equal(out.tokens, generate(model, prompt, n)), (prompt, n)
+
+
+# --- sampling at its edge values equals its limit exactly -----------------------------------------------
+
+
+def _tied_logits() -> torch.Tensor:
+    # rows with a tie at the maximum (indices 2 and 5), a tie below it, and a row without ties
+    return torch.tensor([[0.0, 1.0, 3.0, -2.0, 1.0, 3.0, 0.5],
+                         [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+                         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]])
+
+
+def test_top_k_1_is_argmax_exactly_even_on_ties():
+    logits = _tied_logits()
+    greedy = logits.argmax(dim=-1)  # the first maximum: [2, 0, 6]
+    assert greedy.tolist() == [2, 0, 6]
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        assert torch.equal(sample_next(logits, temperature=3.0, top_k=1, generator=gen), greedy)
+        assert torch.equal(sample_next(logits, temperature=3.0, top_k=1, top_p=0.3, generator=gen), greedy)
+
+
+def test_top_k_keeps_exactly_k_tokens_with_ties():
+    logp = sample_logprobs(_tied_logits(), temperature=1.0, top_k=2)
+    assert (torch.isfinite(logp).sum(dim=-1) == 2).all()
+    assert torch.isfinite(logp[0, [2, 5]]).all() and torch.isfinite(logp[1, [0, 1]]).all()  # ties by index
+    big = sample_logprobs(_tied_logits(), temperature=1.0, top_k=100)
+    assert torch.equal(big, sample_logprobs(_tied_logits(), temperature=1.0))  # k >= V: no filter
+
+
+@pytest.mark.parametrize("T", [1e-3, 1e-8, 1e-30, 1e-45])
+def test_tiny_temperature_is_greedy_and_never_nan(T):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
+    logp = sample_logprobs(logits, temperature=T)
+    assert not torch.isnan(logp).any()
+    for seed in range(5):
+        assert torch.equal(sample_next(logits, temperature=T, generator=torch.Generator().manual_seed(seed)),
+                           logits.argmax(dim=-1))
+    # with tied maxima the limit is uniform over them: only tied maxima are ever drawn
+    tied = _tied_logits()
+    draws = torch.stack([sample_next(tied, temperature=1e-30, generator=torch.Generator().manual_seed(s))
+                         for s in range(50)])
+    assert set(draws[:, 0].tolist()) <= {2, 5} and draws[:, 2].eq(6).all()
+
+
+def test_temperature_0_logprobs_are_a_one_point_distribution_at_argmax():
+    logp = sample_logprobs(_tied_logits(), temperature=0.0)
+    assert torch.equal(logp.exp(), torch.nn.functional.one_hot(_tied_logits().argmax(-1), 7).float())
+
+
+def test_huge_temperature_is_finite_and_uniform():
+    logits = torch.tensor([[50.0, -50.0, 0.0, 10.0]])
+    logp = sample_logprobs(logits, temperature=1e30)
+    assert torch.isfinite(logp).all()
+    torch.testing.assert_close(logp.exp(), torch.full((1, 4), 0.25))
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, temperature=float("inf"))
+
+
+def test_top_p_edges():
+    logits = _tied_logits()
+    # top_p -> 0: only the most likely token, argmax's choice on ties (the sort is stable)
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        tiny_p = sample_next(logits, temperature=1.0, top_p=1e-9, generator=gen)
+        assert torch.equal(tiny_p, logits.argmax(dim=-1))
+    # top_p = 1: no filtering at all
+    torch.testing.assert_close(sample_logprobs(logits, 1.0, top_p=1.0), logits.log_softmax(-1))

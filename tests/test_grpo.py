@@ -540,11 +540,11 @@ def test_cli_grpo_end_to_end(tmp_path, capsys) -> None:
 
 
 def test_sft_batch_masks_the_response_only() -> None:
-    from deepseek_edu.grpo import _sft_batch
+    from deepseek_edu.grpo import sft_batch
 
     tok = CharTokenizer()
     probs = [ArithmeticTask().make(47, "+", 38), ArithmeticTask().make(5, "+", 7)]
-    x, y, m = _sft_batch(tok, probs)
+    x, y, m = sft_batch(tok, probs)
     for i, p in enumerate(probs):
         target = tok.encode(p.solution) + [tok.eos_id]
         assert y[i][m[i]].tolist() == target  # exactly the response and its eos are learned
@@ -587,3 +587,48 @@ def test_padding_width_never_changes_the_loss_bitwise(variant) -> None:
             return torch.cat([t, torch.full((B, extra), v, dtype=t.dtype)], 1)
         padded = policy_loss(pad(logp, 3.0), pad(old, -2.0), adv, pad(mask, False), variant=variant, max_tokens=80)
         assert torch.equal(padded.loss, base), (variant, extra)
+
+
+def _sample_responses_ref(model, tokenizer, prompts, max_new_tokens, temperature, generator):
+    """The sampling loop GRPO had before it shared `generate.decode` (a reference for the test below)."""
+    model.eval()
+    N = len(prompts)
+    responses = torch.full((N, max_new_tokens), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(N, max_new_tokens, dtype=torch.bool)
+    logps = torch.zeros(N, max_new_tokens)
+    buckets: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        buckets.setdefault(len(p), []).append(i)
+    for L, rows in buckets.items():
+        idx = torch.tensor(rows)
+        tokens = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long)
+        cache = model.new_cache(len(rows), max_len=L + max_new_tokens)
+        logits = model(tokens, cache).logits[:, -1]
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for t in range(max_new_tokens):
+            lp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+            nxt = (torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1) if temperature > 0
+                   else lp.argmax(dim=-1))
+            live = ~done
+            responses[idx[live], t] = nxt[live]
+            mask[idx[live], t] = True
+            logps[idx[live], t] = lp.gather(1, nxt[:, None]).squeeze(1)[live]
+            done = done | (nxt == tokenizer.eos_id)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            logits = model(nxt[:, None], cache).logits[:, -1]
+    T = max(int(mask.sum(dim=1).max()), 1)
+    return responses[:, :T], mask[:, :T], logps[:, :T]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_sample_responses_runs_the_one_decode_loop_with_the_same_outputs(temperature: float) -> None:
+    model = _tiny_model(5)
+    tok = CharTokenizer()
+    task = ArithmeticTask(n_digits=1)
+    prompts = [tok.encode(p.prompt) for p in task.problems(3, "test", seed=1) for _ in range(2)]
+    prompts += [tok.encode("12+34=")] * 2  # a second prompt length: another bucket
+    ro = sample_responses(model, tok, prompts, 10, temperature, torch.Generator().manual_seed(7))
+    resp, mask, logp = _sample_responses_ref(model, tok, prompts, 10, temperature, torch.Generator().manual_seed(7))
+    assert torch.equal(ro.responses, resp) and torch.equal(ro.mask, mask)
+    torch.testing.assert_close(ro.logp, logp, atol=1e-5, rtol=0)

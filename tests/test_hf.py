@@ -306,3 +306,45 @@ def test_real_configs_map_to_released_field_values():
     assert v2_lite.topk_method == "greedy"
     assert hf.hf_config(get_preset("deepseek-v2")).topk_method == "group_limited_greedy"
     assert hf.config_from_hf(v3).to_dict() == get_preset("deepseek-v3").replace(mtp_loss_weight=0.3).to_dict()
+
+
+@pytest.mark.parametrize("preset, field, value, match", [
+    ("deepseek-v3", "attention_bias", True, "attention_bias"),
+    ("deepseek-v3", "mlp_bias", True, "mlp_bias"),
+    ("deepseek-v3", "hidden_act", "gelu", "hidden_act"),
+    ("deepseek-v3", "attention_dropout", 0.1, "attention_dropout"),
+    ("deepseek-v3", "moe_layer_freq", 2, "moe_layer_freq"),
+    ("deepseek-v3", "topk_method", "greedy", "topk_method"),
+    ("deepseek-v3", "scoring_func", "softmax", "scoring_func"),
+    ("deepseek-v3", "num_key_value_heads", 8, "num_key_value_heads"),
+    ("deepseek-v2", "scoring_func", "sigmoid", "scoring_func"),
+    ("deepseek-v2", "norm_topk_prob", True, "norm_topk_prob"),
+    ("deepseek-v2", "topk_method", "noaux_tc", "topk_method"),
+])
+def test_every_field_we_cannot_compute_is_refused_by_name(preset, field, value, match):
+    config = hf.hf_config(get_preset(preset))
+    assert hf.config_from_hf(config).to_dict()  # the unedited config maps
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=match):
+        hf.config_from_hf(config)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "longrope", "llama3"])
+def test_rope_types_we_do_not_implement_are_refused(rope_type):
+    config = hf.hf_config(get_preset("deepseek-v3"))
+    attr = "rope_parameters" if hasattr(config, "rope_parameters") else "rope_scaling"
+    rope = dict(getattr(config, attr) or {})
+    rope.update(rope_type=rope_type, type=rope_type, factor=2.0)
+    setattr(config, attr, rope)
+    with pytest.raises(ValueError, match="rope_type"):
+        hf.config_from_hf(config)
+
+
+def test_matching_fields_map_exactly():
+    for preset in ("deepseek-v3", "deepseek-v2", "deepseek-v2-lite"):
+        cfg = get_preset(preset)
+        config = hf.hf_config(cfg)
+        back = hf.config_from_hf(config)
+        for name in ("n_expert_groups", "n_limited_groups", "n_dense_layers", "route_scale", "norm_topk_prob",
+                     "score_func", "tie_embeddings", "rope_theta", "rope_factor", "n_routed_experts"):
+            assert getattr(back, name) == getattr(cfg, name), (preset, name)

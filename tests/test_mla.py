@@ -496,12 +496,30 @@ def test_bad_impl_strings():
 
 
 @pytest.mark.parametrize("kind", ["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("impl", ["naive", "absorbed", "auto"])
+@pytest.mark.parametrize("impl", ["naive", "absorbed", "triton?"])
 def test_attn_impl_on_a_non_mla_model(kind, impl):
     model = Transformer(ModelConfig(attention=kind, vocab_size=61, dim=32, n_heads=4, n_layers=1,
                                     n_kv_heads=2 if kind == "gqa" else 0, inter_dim=32, max_seq_len=8))
-    with pytest.raises(ValueError, match="attn_impl"):
+    with pytest.raises(ValueError, match="attn_impl.*ATTENTION_IMPLS"):
         model(torch.zeros(1, 3, dtype=torch.long), attn_impl=impl)
+    tokens = torch.zeros(1, 3, dtype=torch.long)
+    # every attention class takes the convention's "auto" (and its own paths): the same logits
+    assert torch.equal(model(tokens, attn_impl="auto").logits, model(tokens).logits)
+    assert torch.equal(model(tokens, attn_impl="sdpa").logits, model(tokens).logits)
+
+
+def test_every_attention_class_names_its_paths_in_an_impls_tuple():
+    from deepseek_edu.attention import ATTENTION_IMPLS, Attention
+    from deepseek_edu.mla import MLA_IMPLS
+
+    for cls, impls in ((Attention, ATTENTION_IMPLS), (MLA, MLA_IMPLS)):
+        assert impls[0] == "auto", cls
+    mla = _mla(_cfg("q_lora"))
+    for impl in MLA_IMPLS[1:]:
+        assert callable(getattr(mla, f"_attend_{impl}")), impl  # each path is one method
+    with pytest.raises(ValueError, match="MLA_IMPLS"):
+        mla.impl = "fast"
+        mla(_x(_cfg("q_lora"), S=2), precompute_freqs_cis(_cfg("q_lora"))[:2])
 
 
 def test_cache_overflow_and_wrong_freqs():

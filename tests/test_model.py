@@ -14,8 +14,8 @@ Checks:
   fp32 logits to 1e-5;
 - errors: token id out of range (negative and >= vocab_size, message names the id and
   vocab_size), sequence longer than max_seq_len, cache overflow (cache left untouched), float or
-  1-D tokens, a cache longer than max_seq_len, `attn_impl` on a non-MLA model; routed experts raise
-  NotImplementedError pointing to the MoE chapter (notebook 04) until deepseek_edu.moe is wired in;
+  1-D tokens, a cache longer than max_seq_len, an `attn_impl` the attention class does not have;
+  routed experts raise NotImplementedError pointing to the MoE chapter (notebook 04) until deepseek_edu.moe is wired in;
 - the parameter count equals a hand formula (and the hand-computed number) for the baseline;
 - determinism with a seed; a tiny model overfits one batch (loss falls by > 80% in 50 steps).
 """
@@ -239,7 +239,7 @@ def test_bad_token_tensors_raise():
         model(torch.zeros(4, dtype=torch.long))  # 1-D
     with pytest.raises(ValueError, match="max_seq_len"):
         model.new_cache(1, max_len=41)
-    with pytest.raises(ValueError, match="mla"):
+    with pytest.raises(ValueError, match="attn_impl='absorbed'.*ATTENTION_IMPLS"):
         model(_tokens(1, 3), attn_impl="absorbed")
 
 

@@ -4,11 +4,11 @@ keep every result, and stay free of what made the step slow.
 Checks:
 - `moe.expert_counts` (a scatter-add, fixed shape) equals `torch.bincount(minlength=E)`, idle experts
   included;
-- `moe._topk` (a stable sort) returns `torch.topk`'s values, its indices where nothing ties, and the
+- `moe.stable_topk` (a stable sort) returns `torch.topk`'s values, its indices where nothing ties, and the
   lower index on a tie (hand case);
 - `MoE.update_bias` with nothing routed leaves the bias bitwise unchanged (no host check needed);
 - `moe.wgrad_splits`: 4 sub-blocks only for few GEMM tiles on CUDA (`small`'s 16 x 512 x 512), 1 for
-  the larger layouts and on CPU; `_GroupedLinear` with splits equals the per-expert matmuls (CPU here;
+  the larger layouts and on CPU; `dispatch.grouped_linear` with splits equals the per-expert matmuls (CPU here;
   the CUDA kernel with empty sub-blocks in the CUDA test below);
 - the whole model (MLA with query compression, DeepSeekMoE with group-limited routing and both balance
   losses, MTP) compiles to **one graph**: `torch._dynamo.explain` finds no graph break (a host read
@@ -28,8 +28,9 @@ import pytest
 import torch
 
 from deepseek_edu.config import ModelConfig, TrainConfig
+from deepseek_edu.dispatch import expert_counts, grouped_linear, wgrad_splits
 from deepseek_edu.model import Transformer
-from deepseek_edu.moe import MoE, _GroupedLinear, _topk, expert_counts, wgrad_splits
+from deepseek_edu.moe import MoE, stable_topk
 from deepseek_edu.train import make_optimizer
 
 CUDA = torch.cuda.is_available()
@@ -58,12 +59,12 @@ def test_expert_counts_equals_bincount():
 def test_topk_helper_matches_torch_topk_and_breaks_ties_to_the_lower_index():
     x = torch.randn(200, 16, generator=torch.Generator().manual_seed(1))
     for k in (1, 2, 5):
-        values, indices = _topk(x, k)
+        values, indices = stable_topk(x, k)
         ref = x.topk(k, dim=-1)
         assert torch.equal(values, ref.values)
         assert torch.equal(indices, ref.indices)  # continuous random values: no ties
     masked = torch.tensor([[0.1, float("-inf"), 0.7, 0.7, float("-inf"), 0.2]])
-    values, indices = _topk(masked, 3)
+    values, indices = stable_topk(masked, 3)
     assert indices.tolist() == [[2, 3, 5]] and torch.equal(values, masked[:, [2, 3, 5]])
 
 
@@ -103,7 +104,7 @@ def test_grouped_linear_with_split_weight_gradient_equals_per_expert_matmuls(spl
     w = torch.randn(len(counts), 24, 16, generator=g_, requires_grad=True)
     g = torch.randn(sum(counts), 24, generator=g_)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    y = _GroupedLinear.apply(x, w, offs, splits)
+    y = grouped_linear(x, w, offs, splits)
     (y * g).sum().backward()
     ref_y, ref_gx, ref_gw = _grouped_reference(x, w, counts, g)
     torch.testing.assert_close(y.double(), ref_y, atol=1e-5, rtol=1e-5)
@@ -152,7 +153,7 @@ def test_cuda_grouped_linear_split_gradient_and_compiled_model():
     ref_y, ref_gx, ref_gw = _grouped_reference(x, w, counts, g)
     for splits in (1, 4):
         x.grad = w.grad = None
-        y = _GroupedLinear.apply(x, w, offs, splits)
+        y = grouped_linear(x, w, offs, splits)
         (y * g).sum().backward()
         for got, ref, what in ((y, ref_y, "y"), (x.grad, ref_gx, "grad_x"), (w.grad, ref_gw, "grad_w")):
             scale = ref.abs().max()

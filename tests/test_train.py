@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import deepseek_edu.checkpoint as checkpoint_mod
+import deepseek_edu.io as io_mod
 from deepseek_edu.config import ModelConfig, TrainConfig
 from deepseek_edu.data import load_dataset, train_tokenizer
 from deepseek_edu.model import ModelOutput, Transformer
@@ -391,7 +392,10 @@ def test_ctrl_c_saves_the_last_completed_step(dataset, tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         train(tiny_model_cfg(), tcfg, progress=False, callback=stop_at_4, dataset=dataset)
     ckpt = load_checkpoint(tmp_path / "checkpoint.safetensors")
-    assert ckpt.step == 4 and len(ckpt.history) == 4 and ckpt.sampler_state["batches_drawn"] == 4
+    assert ckpt.step == 4 and ckpt.sampler_state["batches_drawn"] == 4
+    assert ckpt.history == []  # per-step history is metrics.jsonl's, so the checkpoint does not grow
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     assert "step 4" in capsys.readouterr().err
 
 
@@ -458,9 +462,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
         raise OSError(f"simulated crash at {fail_at}")
 
     if fail_at == "write":
-        monkeypatch.setattr(checkpoint_mod, "_write_chunks", half_then_crash)
+        monkeypatch.setattr(io_mod, "write_chunks", half_then_crash)
     else:
-        monkeypatch.setattr(checkpoint_mod.os, fail_at, crash)
+        monkeypatch.setattr(io_mod.os, fail_at, crash)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
     with pytest.raises(OSError, match="simulated"):
@@ -550,3 +554,14 @@ def test_short_run_on_python_docs_lowers_the_loss(dataset, tmp_path):
     assert result.unigram_entropy == pytest.approx(dataset.stats["unigram_entropy_train"])
     bpc = result.val_loss / math.log(2) / result.val_chars_per_token
     assert result.val_bits_per_char == pytest.approx(bpc)
+
+
+def test_checkpoint_does_not_grow_with_the_run(dataset, tmp_path):
+    sizes = []
+    for steps in (2, 12):
+        out = tmp_path / f"run{steps}"
+        train(tiny_model_cfg(), tiny_train_cfg(out, max_steps=steps, eval_every=0), progress=False, dataset=dataset)
+        sizes.append((out / "checkpoint.safetensors").stat().st_size)
+        assert load_checkpoint(out / "checkpoint.safetensors").history == []
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == steps  # the history lives here
+    assert abs(sizes[1] - sizes[0]) < 256, sizes  # a few digits of step counts and seconds, nothing per step
