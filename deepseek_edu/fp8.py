@@ -101,7 +101,8 @@ def _cast(x: Tensor, s: Tensor) -> Tensor:
 def quantize_tensorwise(x: Tensor, scale_fmt: str | None = None) -> tuple[Tensor, Tensor]:
     """One scale for the whole tensor. x (any shape) -> y (x's shape) E4M3, s () fp32; x ~ y.float() * s."""
     _check(x, 1, scale_fmt)
-    s = compute_scale(x.detach().abs().amax(), scale_fmt)
+    amax = x.detach().abs().amax() if x.numel() else x.new_zeros(())  # an empty tensor: scale 1
+    s = compute_scale(amax, scale_fmt)
     return _cast(x, s), s
 
 
@@ -134,9 +135,9 @@ def act_quant_ref(x: Tensor, block_size: int = FP8_BLOCK, scale_fmt: str | None 
     _check(x, block_size, scale_fmt)
     K = x.shape[-1]
     xp = _pad_last(x.float(), block_size)
-    tiles = xp.view(*x.shape[:-1], -1, block_size)  # (..., T, b)
+    tiles = xp.view(*x.shape[:-1], xp.shape[-1] // block_size, block_size)  # (..., T, b)
     s = compute_scale(tiles.detach().abs().amax(dim=-1), scale_fmt)  # (..., T)
-    y = _cast(tiles, s.unsqueeze(-1)).view(*x.shape[:-1], -1)[..., :K]
+    y = _cast(tiles, s.unsqueeze(-1)).view(xp.shape)[..., :K]
     return y, s
 
 
@@ -246,18 +247,17 @@ class _FP8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, granularity: str, block_size: int) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.granularity, ctx.block_size = granularity, block_size
         xq = fake_quant(x, granularity, "row", block_size)  # (T, K), 1 x 128 tiles
         wq = fake_quant(w, granularity, "block", block_size)  # (M, K), 128 x 128 blocks
+        ctx.save_for_backward(x, wq)  # x for the wgrad's own (128 x 1) tiles; wq serves the dgrad as is
+        ctx.granularity, ctx.block_size = granularity, block_size
         return xq @ wq.t()  # (T, M) fprop
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, w = ctx.saved_tensors
+        x, wq = ctx.saved_tensors
         g, b = ctx.granularity, ctx.block_size
-        dyq = fake_quant(dy, g, "row", b)  # (T, M), 1 x 128 tiles along M
-        wq = fake_quant(w, g, "block", b)  # (M, K)
+        dyq = fake_quant(dy, g, "row", b)  # (T, M), 1 x 128 tiles along M; W's 128 x 128 blocks from forward
         dx = dyq @ wq  # (T, K) dgrad
         dw = fake_quant(dy, g, "col", b).t() @ fake_quant(x, g, "col", b)  # (M, K) wgrad: 128 x 1 tiles along T
         return dx, dw, None, None
