@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import command_line, machine_info, machine_load, now_utc, write_json  # noqa: E402
+from _common import command_line, machine_info, machine_load, now_utc, write_json
 
-from deepseek_edu.fp8_experiments import accumulation_sweep  # noqa: E402
+from deepseek_edu.fp8_experiments import accumulation_sweep
 
 V3_ERROR_AT_4096 = 0.02
 

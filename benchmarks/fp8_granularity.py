@@ -27,12 +27,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import command_line, machine_info, machine_load, now_utc, write_json  # noqa: E402
+from _common import command_line, machine_info, machine_load, now_utc, write_json
 
-from deepseek_edu.config import get_preset  # noqa: E402
-from deepseek_edu.data import BatchSampler, load_dataset  # noqa: E402
-from deepseek_edu.fp8_experiments import (GRANULARITY_NAMES, capture_linear_inputs, channel_outliers,  # noqa: E402
-                                          granularity_errors, train_run)
+from deepseek_edu.config import get_preset
+from deepseek_edu.data import BatchSampler, load_dataset
+from deepseek_edu.fp8_experiments import (
+    GRANULARITY_NAMES,
+    capture_linear_inputs,
+    channel_outliers,
+    granularity_errors,
+    train_run,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import command_line, machine_info, machine_load, now_utc, seed_stats, write_json  # noqa: E402
+from _common import command_line, machine_info, machine_load, now_utc, seed_stats, write_json
 
-from deepseek_edu.config import get_preset  # noqa: E402
-from deepseek_edu.data import load_dataset  # noqa: E402
-from deepseek_edu.fp8_experiments import PRECISIONS, relative_loss_error, train_run  # noqa: E402
+from deepseek_edu.config import get_preset
+from deepseek_edu.data import load_dataset
+from deepseek_edu.fp8_experiments import PRECISIONS, relative_loss_error, train_run
 
 V3_BOUND = 0.0025
 

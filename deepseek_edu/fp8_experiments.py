@@ -18,8 +18,18 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .data import BatchSampler
-from .fp8 import (FP8_BLOCK, act_dequant_ref, act_quant_ref, limited_precision_matmul, max_relative_error,
-                  quantize_rowwise, quantize_tensorwise, to_fp8, weight_dequant_ref, weight_quant_ref)
+from .fp8 import (
+    FP8_BLOCK,
+    act_dequant_ref,
+    act_quant_ref,
+    limited_precision_matmul,
+    max_relative_error,
+    quantize_rowwise,
+    quantize_tensorwise,
+    to_fp8,
+    weight_dequant_ref,
+    weight_quant_ref,
+)
 from .model import Transformer
 from .train import lm_loss
 

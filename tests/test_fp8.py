@@ -12,9 +12,21 @@ from torch import nn
 from deepseek_edu import fp8
 from deepseek_edu.checkpoint import load_checkpoint, save_checkpoint
 from deepseek_edu.config import ModelConfig, get_preset
-from deepseek_edu.fp8 import (FP8_E4M3_MAX, FP8Linear, act_dequant_ref, act_quant_ref, compute_scale,
-                              limited_precision_matmul, max_relative_error, quantize_rowwise, quantize_tensorwise,
-                              round_mantissa, to_fp8, weight_dequant_ref, weight_quant_ref)
+from deepseek_edu.fp8 import (
+    FP8_E4M3_MAX,
+    FP8Linear,
+    act_dequant_ref,
+    act_quant_ref,
+    compute_scale,
+    limited_precision_matmul,
+    max_relative_error,
+    quantize_rowwise,
+    quantize_tensorwise,
+    round_mantissa,
+    to_fp8,
+    weight_dequant_ref,
+    weight_quant_ref,
+)
 from deepseek_edu.model import Transformer
 
 
@@ -38,7 +50,7 @@ def test_e4m3_has_no_infinity_and_unclamped_cast_is_not_trusted():
     raw = torch.tensor([500.0, -1e6, float("inf")]).to(torch.float8_e4m3fn).float()
     assert all(torch.isnan(v) or abs(v) == 448.0 for v in raw)
     # Clamping first (what every quantiser here does) gives +-448 whatever the cast does.
-    y, s = quantize_tensorwise(torch.tensor([500.0, -1e6, 1.0]))
+    y, _ = quantize_tensorwise(torch.tensor([500.0, -1e6, 1.0]))
     assert torch.isfinite(y.float()).all() and y.float().abs().max() == 448.0
 
 
@@ -48,7 +60,7 @@ def test_saturation_at_448_every_granularity():
         assert y.dtype == torch.float8_e4m3fn
         assert torch.isfinite(y.float()).all() and y.float().abs().max() <= 448.0
     # The amax element of every tile maps exactly to +-448.
-    y, s = act_quant_ref(x)
+    y, _ = act_quant_ref(x)
     assert torch.equal(y.float().abs().view(4, 2, 128).amax(-1), torch.full((4, 2), 448.0))
 
 
@@ -125,7 +137,7 @@ def test_bad_inputs_raise_value_error():
 def test_ue8m0_scales_are_powers_of_two_rounded_up():
     amax = torch.tensor([448.0, 500.0, 1.0, 1e-6, 3e4, 0.0])
     s = compute_scale(amax, "ue8m0")
-    m, e = torch.frexp(s)
+    m, _ = torch.frexp(s)
     assert torch.equal(m, torch.full_like(m, 0.5))  # exactly powers of two
     assert (s >= compute_scale(amax)).all() and (s < 2 * compute_scale(amax)).all()  # rounded up, < 2x
     assert s[0] == 1.0 and s[1] == 2.0 and s[-1] == 1.0
