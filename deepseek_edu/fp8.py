@@ -135,9 +135,9 @@ def act_quant_ref(x: Tensor, block_size: int = FP8_BLOCK, scale_fmt: str | None 
     _check(x, block_size, scale_fmt)
     K = x.shape[-1]
     xp = _pad_last(x.float(), block_size)
-    tiles = xp.view(*x.shape[:-1], xp.shape[-1] // block_size, block_size)  # (..., T, b)
+    tiles = xp.reshape(*x.shape[:-1], xp.shape[-1] // block_size, block_size)  # (..., T, b)
     s = compute_scale(tiles.detach().abs().amax(dim=-1), scale_fmt)  # (..., T)
-    y = _cast(tiles, s.unsqueeze(-1)).view(xp.shape)[..., :K]
+    y = _cast(tiles, s.unsqueeze(-1)).reshape(xp.shape)[..., :K]
     return y, s
 
 
@@ -164,9 +164,9 @@ def weight_quant_ref(w: Tensor, block_size: int = FP8_BLOCK, scale_fmt: str | No
     M, N = w.shape
     b = block_size
     wp = F.pad(w.float(), (0, -N % b, 0, -M % b))
-    blocks = wp.view(wp.shape[0] // b, b, wp.shape[1] // b, b)  # (Mb, b, Nb, b)
+    blocks = wp.reshape(wp.shape[0] // b, b, wp.shape[1] // b, b)  # (Mb, b, Nb, b)
     s = compute_scale(blocks.detach().abs().amax(dim=(1, 3)), scale_fmt)  # (Mb, Nb)
-    y = _cast(blocks, s[:, None, :, None]).view(wp.shape)[:M, :N]
+    y = _cast(blocks, s[:, None, :, None]).reshape(wp.shape)[:M, :N]
     return y, s
 
 
@@ -229,38 +229,106 @@ def max_relative_error(c: Tensor, ref: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- FP8Linear
-def fake_quant(x: Tensor, granularity: str, tile: str, block_size: int = FP8_BLOCK) -> Tensor:
-    """Quantise then dequantise (fp32 out): `tile` "row" = 1 x b tiles along the last dim, "col" = b x 1
-    tiles along the first dim, "block" = b x b blocks; "tensorwise" granularity ignores `tile`."""
+FP8_IMPLS = ("auto", "emulate", "scaled_mm")
+
+
+def quantize_for_gemm(x: Tensor, granularity: str, tile: str, block_size: int = FP8_BLOCK) -> tuple[Tensor, Tensor]:
+    """One GEMM input, (R, K) with K the contracted dim: `tile` "row" = 1 x b tiles along K (scales (R, K/b)),
+    "block" = b x b blocks (scales (R/b, K/b)); "tensorwise" granularity: one scale () whatever `tile`."""
     if granularity == "tensorwise":
-        y, s = quantize_tensorwise(x)
-        return y.float() * s
-    if tile == "row":
-        return act_dequant_ref(*act_quant_ref(x, block_size), block_size)
+        return quantize_tensorwise(x)
+    return act_quant_ref(x, block_size) if tile == "row" else weight_quant_ref(x, block_size)
+
+
+def _dequant(q: Tensor, s: Tensor, tile: str, block_size: int) -> Tensor:
+    if s.dim() == 0:
+        return q.float() * s
+    return act_dequant_ref(q, s, block_size) if tile == "row" else weight_dequant_ref(q, s, block_size)
+
+
+def fake_quant(x: Tensor, granularity: str, tile: str, block_size: int = FP8_BLOCK) -> Tensor:
+    """Quantise then dequantise, fp32 out (tiles as `quantize_for_gemm`; "col" = b x 1 tiles along dim 0)."""
     if tile == "col":
-        return act_dequant_ref(*act_quant_ref(x.t(), block_size), block_size).t()
-    return weight_dequant_ref(*weight_quant_ref(x, block_size), block_size)
+        return fake_quant(x.t(), granularity, "row", block_size).t()
+    return _dequant(*quantize_for_gemm(x, granularity, tile, block_size), tile, block_size)
+
+
+_SCALED_MM_LAYOUT: dict[tuple, int | None] = {}  # (b_tile, tensorwise) -> scale layout that agreed, or None
+
+
+def _scaled_mm_nt(aq: Tensor, sa: Tensor, bq: Tensor, sb: Tensor, layout: int = 0) -> Tensor:
+    """a @ b^T on the tensor cores: aq (R, K) E4M3 with scales (R, K/128) or (); bq (C, K) with scales
+    (C/128, K/128), (C, K/128) or (). torch._scaled_mm takes b column-major as (K, C), its scales along
+    (K, C); `layout` picks the memory layout of the scale tensors (0: row-major, 1: outer-dim-major)."""
+    if sa.dim():
+        sa = sa.t().contiguous().t() if layout else sa.contiguous()
+        sb = sb.t() if layout else sb.t().contiguous()
+    return torch._scaled_mm(aq.contiguous(), bq.contiguous().t(), scale_a=sa, scale_b=sb,
+                            out_dtype=torch.bfloat16).float()
+
+
+def _use_scaled_mm(impl: str, aq: Tensor, bq: Tensor, b_tile: str, tensorwise: bool) -> int | None:
+    """The scale layout for torch._scaled_mm on this GEMM, or None to emulate: CUDA SM 9.0+, shapes of whole
+    128-tiles, and a first probe on random data that agreed with the emulation (once per kind of GEMM)."""
+    if impl == "emulate":
+        return None
+    if (aq.device.type != "cuda" or not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability(aq.device)
+            < (9, 0) or any(d % FP8_BLOCK for d in (*aq.shape, *bq.shape))):
+        return None if impl == "auto" else _raise_no_scaled_mm()
+    key = (b_tile, tensorwise)
+    if key not in _SCALED_MM_LAYOUT:
+        _SCALED_MM_LAYOUT[key] = None
+        g = "tensorwise" if tensorwise else "blockwise"
+        gen = torch.Generator(device=aq.device).manual_seed(0)
+        pa = quantize_for_gemm(torch.randn(256, 384, device=aq.device, generator=gen), g, "row")
+        pb = quantize_for_gemm(torch.randn(128, 384, device=aq.device, generator=gen), g, b_tile)
+        ref = _dequant(*pa, "row", FP8_BLOCK) @ _dequant(*pb, b_tile, FP8_BLOCK).t()
+        for layout in (0, 1):
+            try:
+                out = _scaled_mm_nt(*pa, *pb, layout)
+            except (RuntimeError, TypeError, ValueError):
+                continue
+            if ((out - ref).norm() / ref.norm()) < 1e-2:
+                _SCALED_MM_LAYOUT[key] = layout
+                break
+    if _SCALED_MM_LAYOUT[key] is None and impl == "scaled_mm":
+        _raise_no_scaled_mm()
+    return _SCALED_MM_LAYOUT[key]
+
+
+def _raise_no_scaled_mm() -> None:
+    raise ValueError("impl='scaled_mm' needs CUDA SM 9.0+, torch._scaled_mm with blockwise scales, and dims "
+                     "that are multiples of 128; use impl='auto' or 'emulate'")
+
+
+def _gemm_nt(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], b_tile: str, block_size: int, impl: str) -> Tensor:
+    """A @ B^T from quantised inputs: a (R, K) in 1 x b tiles along K, b (C, K) in `b_tile`s -> (R, C) fp32."""
+    layout = _use_scaled_mm(impl, a[0], b[0], b_tile, a[1].dim() == 0) if block_size == FP8_BLOCK else None
+    if layout is not None:
+        return _scaled_mm_nt(*a, *b, layout)
+    return _dequant(*a, "row", block_size) @ _dequant(*b, b_tile, block_size).t()  # exact emulation
 
 
 class _FP8LinearFn(torch.autograd.Function):
-    """y = x W^T with all three GEMMs on FP8-quantised inputs (emulated: dequantised, FP32 matmul)."""
+    """y = x W^T with all three GEMMs on FP8-quantised inputs (each written A @ B^T, contracting dim last)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, granularity: str, block_size: int) -> Tensor:
-        xq = fake_quant(x, granularity, "row", block_size)  # (T, K), 1 x 128 tiles
-        wq = fake_quant(w, granularity, "block", block_size)  # (M, K), 128 x 128 blocks
-        ctx.save_for_backward(x, wq)  # x for the wgrad's own (128 x 1) tiles; wq serves the dgrad as is
-        ctx.granularity, ctx.block_size = granularity, block_size
-        return xq @ wq.t()  # (T, M) fprop
+    def forward(ctx, x: Tensor, w: Tensor, granularity: str, block_size: int, impl: str) -> Tensor:
+        g, b = granularity, block_size
+        wq = quantize_for_gemm(w, g, "block", b)  # (M, K) in 128 x 128 blocks
+        ctx.save_for_backward(x, *wq)  # x for the wgrad's own (128 x 1) tiles; W's blocks serve the dgrad
+        ctx.granularity, ctx.block_size, ctx.impl = g, b, impl
+        return _gemm_nt(quantize_for_gemm(x, g, "row", b), wq, "block", b, impl)  # (T, M) fprop
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, wq = ctx.saved_tensors
-        g, b = ctx.granularity, ctx.block_size
-        dyq = fake_quant(dy, g, "row", b)  # (T, M), 1 x 128 tiles along M; W's 128 x 128 blocks from forward
-        dx = dyq @ wq  # (T, K) dgrad
-        dw = fake_quant(dy, g, "col", b).t() @ fake_quant(x, g, "col", b)  # (M, K) wgrad: 128 x 1 tiles along T
-        return dx, dw, None, None
+        x, wq, ws = ctx.saved_tensors
+        g, b, impl = ctx.granularity, ctx.block_size, ctx.impl
+        w_t = (wq.t(), ws if ws.dim() == 0 else ws.t())  # W^T (K, M): its blocks are W's blocks transposed
+        dx = _gemm_nt(quantize_for_gemm(dy, g, "row", b), w_t, "block", b, impl)  # (T, K) dgrad, dy 1 x 128 along M
+        # wgrad (M, K) = dy^T x, contracting over tokens: both quantised in 128 x 1 tiles along T
+        dw = _gemm_nt(quantize_for_gemm(dy.t(), g, "row", b), quantize_for_gemm(x.t(), g, "row", b), "row", b, impl)
+        return dx, dw, None, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -269,7 +337,10 @@ class FP8Linear(nn.Linear):
     Shapes: x (..., in_features) -> (..., out_features), fp32 out. Same parameters (and state-dict
     keys) as nn.Linear. Attribute `granularity`: "blockwise" (V3: 1 x 128 tiles, 128 x 128 blocks)
     or "tensorwise" (one scale per tensor per GEMM input, the baseline V3 improves on).
-    The bias, if any, is added in FP32. CPU and GPU both run the exact emulation here.
+    Attribute `impl` (`FP8_IMPLS`): "emulate" (quantise, dequantise, FP32 matmul: exact, any device),
+    "scaled_mm" (torch._scaled_mm on an SM 9.0+ GPU, bf16 out; ValueError where unavailable) or "auto"
+    (default: scaled_mm where it is available and agreed with the emulation on a first probe, else
+    emulate). The bias, if any, is added in FP32.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, granularity: str = "blockwise",
@@ -277,7 +348,7 @@ class FP8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} must be one of {GRANULARITIES}")
-        self.granularity, self.block_size = granularity, block_size
+        self.granularity, self.block_size, self.impl = granularity, block_size, "auto"
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, granularity: str = "blockwise", block_size: int = FP8_BLOCK) -> FP8Linear:
@@ -288,19 +359,21 @@ class FP8Linear(nn.Linear):
         new.weight, new.bias = lin.weight, lin.bias
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} must be one of {GRANULARITIES}")
-        new.granularity, new.block_size = granularity, block_size
+        new.granularity, new.block_size, new.impl = granularity, block_size, "auto"
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.impl not in FP8_IMPLS:
+            raise ValueError(f"impl={self.impl!r} must be one of {FP8_IMPLS}")
         lead = x.shape[:-1]
         y = _FP8LinearFn.apply(x.reshape(-1, self.in_features).float(), self.weight.float(),
-                               self.granularity, self.block_size)  # (T, M)
+                               self.granularity, self.block_size, self.impl)  # (T, M)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, granularity={self.granularity}, block_size={self.block_size}"
+        return f"{super().extra_repr()}, granularity={self.granularity}, block_size={self.block_size}, impl={self.impl}"
 
 
 KEEP_HIGH_PRECISION = ("head",)  # module names (last part) that stay in high precision besides the non-Linears

@@ -132,6 +132,14 @@ def test_bad_inputs_raise_value_error():
         act_dequant_ref(*act_quant_ref(torch.randn(2, 256)), block_size=64)
     with pytest.raises(ValueError):
         FP8Linear(4, 4, granularity="rowwise")
+    lin = FP8Linear(128, 128)
+    lin.impl = "fast"
+    with pytest.raises(ValueError):
+        lin(torch.randn(2, 128))
+    lin.impl = "scaled_mm"  # no GPU tensor cores here: a named error, never a silent fallback
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError):
+            lin(torch.randn(128, 128))
 
 
 def test_ue8m0_scales_are_powers_of_two_rounded_up():
@@ -199,7 +207,7 @@ def _ref_fake_quant_blocks(w: torch.Tensor, b: int = 128) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("shape", [(160, 256, 130), (64, 96, 288)])
+@pytest.mark.parametrize("shape", [(160, 256, 130), (64, 96, 288), (256, 128, 256)])
 def test_fp8_linear_forward_and_grads_bit_exact_against_reference(shape):
     T, K, M = shape
     torch.manual_seed(0)
