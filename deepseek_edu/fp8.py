@@ -280,8 +280,8 @@ def _use_scaled_mm(impl: str, aq: Tensor, bq: Tensor, b_tile: str, tensorwise: b
         _SCALED_MM_LAYOUT[key] = None
         g = "tensorwise" if tensorwise else "blockwise"
         gen = torch.Generator(device=aq.device).manual_seed(0)
-        pa = quantize_for_gemm(torch.randn(256, 384, device=aq.device, generator=gen), g, "row")
-        pb = quantize_for_gemm(torch.randn(128, 384, device=aq.device, generator=gen), g, b_tile)
+        pa = quantize_for_gemm(torch.randn(512, 384, device=aq.device, generator=gen), g, "row")
+        pb = quantize_for_gemm(torch.randn(256, 384, device=aq.device, generator=gen), g, b_tile)  # non-square scale grids
         ref = _dequant(*pa, "row", FP8_BLOCK) @ _dequant(*pb, b_tile, FP8_BLOCK).t()
         for layout in (0, 1):
             try:
