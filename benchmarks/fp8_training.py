@@ -7,7 +7,7 @@ the relative loss error |L_fp8 - L_fp32| / L_fp32 (trailing mean over `--window`
 and the seed-to-seed spread of the FP32 runs measured the same way. V3 reports a relative loss
 error below 0.25% for its FP8 runs against BF16. The acceptance checks are written with the numbers.
 
-Run (from the repository root, about 8 minutes on one busy core)::
+Run (from the repository root; the committed run took the JSON's `wall_s` on the busy course machine)::
 
     python benchmarks/fp8_training.py --out benchmarks/results/fp8_training_cpu.json
     python benchmarks/fp8_training.py --steps 10 --seeds 0 --out /tmp/x.json   # the smoke test
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,6 +35,12 @@ from deepseek_edu.fp8_experiments import PRECISIONS, relative_loss_error, train_
 V3_BOUND = 0.0025
 
 
+def _one(cfg, train_tokens, val_tokens, prec: str, seed: int, args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    return train_run(cfg, train_tokens, val_tokens, prec, seed, args.steps, args.batch_size, args.seq_len,
+                     lr=args.lr, data_seed=seed, block_size=args.block_size)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -42,9 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1")
     p.add_argument("--window", type=int, default=20, help="trailing mean (steps) before comparing losses")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel processes")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -53,11 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     ds = load_dataset("shakespeare", cfg.vocab_size, progress=False)
     t0 = time.perf_counter()
     runs = {prec: {} for prec in PRECISIONS}
-    for seed in seeds:
-        for prec in PRECISIONS:
-            r = train_run(cfg, ds.train, ds.val, prec, seed, args.steps, args.batch_size, args.seq_len,
-                          lr=args.lr, data_seed=seed, block_size=args.block_size)
-            runs[prec][seed] = r
+    jobs = [(seed, prec) for seed in seeds for prec in PRECISIONS]
+    with ProcessPoolExecutor(args.jobs) as pool:  # one thread per process; runs are independent
+        futures = {job: pool.submit(_one, cfg, ds.train, ds.val, job[1], job[0], args) for job in jobs}
+        for (seed, prec), fut in futures.items():
+            r = runs[prec][seed] = fut.result()
             print(f"seed {seed} {prec:15s} final loss {r['loss'][-1]:.4f} val {r['val_loss']:.4f}", flush=True)
     w = args.window
     err = {prec: {s: relative_loss_error(runs[prec][s]["loss"], runs["fp32"][s]["loss"], w) for s in seeds}
