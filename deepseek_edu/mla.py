@@ -34,7 +34,13 @@ from .config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rotary_emb
 
-MLA_IMPLS = ("auto", "naive", "absorbed")
+
+def _has_triton() -> bool:
+    from .kernels import HAS_TRITON
+    return HAS_TRITON
+
+
+MLA_IMPLS = ("auto", "naive", "absorbed", "triton")
 
 
 class MLA(nn.Module):
@@ -73,7 +79,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(H * self.v_head_dim, D, bias=False)
-        self.impl = "auto"  # default path; "auto" = naive without a cache, absorbed when decoding
+        self.impl = "auto"  # "auto" = naive without a cache; with one, triton on CUDA (Triton installed), else absorbed
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """One token's cache entry: the normalised latent (C,) and the shared rotary key (R,)."""
@@ -130,6 +136,19 @@ class MLA(nn.Module):
         o_latent = torch.einsum("bsht,btc->bshc", probs, kv)  # (B, S, H, C)
         return torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # (B, S, H, Dv)
 
+    def _attend_triton(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, start_pos: int) -> Tensor:
+        """`_attend_absorbed` with the latent attention in a Triton kernel (`kernels.mla_decode`, chapter 09).
+
+        q_nope (B,S,H,N), q_pe (B,S,H,R), kv (B,T,C), pe (B,T,R) -> (B,S,H,Dv); the S queries are the
+        last S of the T positions (T = start_pos + S). Raises TritonUnavailableError without Triton.
+        """
+        from .kernels import mla_decode  # imports without Triton; the call raises if it is missing
+
+        w_uk, w_uv = self._split_wkv_b()  # (H, N, C), (H, Dv, C)
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk).contiguous()  # (B, S, H, C)
+        o_latent = mla_decode(q_latent, q_pe.contiguous(), kv, pe, self.softmax_scale)  # (B, S, H, C)
+        return torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # (B, S, H, Dv)
+
     def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None, impl: str | None = None) -> Tensor:
         """Attend from the S new positions of `x` to all cached positions and themselves.
 
@@ -137,8 +156,8 @@ class MLA(nn.Module):
             x: (B, S, D).
             freqs_cis: (S, R/2) complex rotary factors of the new positions.
             cache: this layer's latent cache (extended in place), or None for positions 0..S-1.
-            impl: "naive", "absorbed" or "auto" (None = `self.impl`); "auto" picks naive without a
-                cache and absorbed with one.
+            impl: "naive", "absorbed", "triton" or "auto" (None = `self.impl`); "auto" picks naive
+                without a cache, and with one "triton" on CUDA when Triton is installed, else "absorbed".
         Returns:
             (B, S, D).
         Raises:
@@ -148,7 +167,7 @@ class MLA(nn.Module):
         if impl not in MLA_IMPLS:
             raise ValueError(f"impl={impl!r} must be one of {MLA_IMPLS}")
         if impl == "auto":
-            impl = "naive" if cache is None else "absorbed"
+            impl = "naive" if cache is None else "triton" if x.is_cuda and _has_triton() else "absorbed"
         B, S, _ = x.shape
         start_pos = cache.length if cache is not None else 0
         q_nope, q_pe = self._queries(x, freqs_cis)
@@ -156,6 +175,6 @@ class MLA(nn.Module):
         if cache is not None:
             both = cache.update(kv=kv, pe=pe)
             kv, pe = both["kv"].to(x.dtype), both["pe"].to(x.dtype)  # (B, T, C), (B, T, R)
-        attend = self._attend_absorbed if impl == "absorbed" else self._attend_naive
+        attend = {"naive": self._attend_naive, "absorbed": self._attend_absorbed, "triton": self._attend_triton}[impl]
         out = attend(q_nope, q_pe, kv, pe, start_pos)  # (B, S, H, Dv)
         return self.wo(out.reshape(B, S, self.n_heads * self.v_head_dim))
