@@ -311,3 +311,11 @@ def test_package_imports_and_fails_clearly_without_triton():
     out = subprocess.run([sys.executable, "-c", HIDE_TRITON], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@needs_triton
+def test_benchmark_check_mode_runs_on_this_machine():
+    """`benchmarks/kernels.py --check`: every kernel once against its reference (CPU: the interpreter)."""
+    out = subprocess.run([sys.executable, "benchmarks/kernels.py", "--check"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0 and "every kernel equals its reference" in out.stdout, out.stderr[-2000:]
