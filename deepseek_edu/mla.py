@@ -18,6 +18,8 @@ rotary queries q_pe and one shared rotary key k_pe, concatenated to the position
 - `_attend_absorbed`: fold W_UK into the query, score against the latent, sum the latent with the
   attention weights, then apply W_UV. The same numbers (tests/test_mla.py checks to 1e-5 in fp32),
   but decoding reads C + R numbers per cached token instead of up-projecting H * (N + Dv).
+- `_attend_triton`: the absorbed path with the latent attention in one Triton kernel
+  (`kernels.mla_decode`, notebook 09); "auto" uses it when decoding on CUDA with Triton installed.
 
 Weight names are those of DeepSeek's `inference/model.py`: wq (or wq_a, q_norm, wq_b), wkv_a,
 kv_norm, wkv_b, wo.
@@ -41,6 +43,7 @@ def _has_triton() -> bool:
 
 
 MLA_IMPLS = ("auto", "naive", "absorbed", "triton")
+TRITON_MAX_NEW = 16  # "auto" decodes with the Triton kernel up to this many new positions (not prefill)
 
 
 class MLA(nn.Module):
@@ -79,7 +82,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(H * self.v_head_dim, D, bias=False)
-        self.impl = "auto"  # "auto" = naive without a cache; with one, triton on CUDA (Triton installed), else absorbed
+        self.impl = "auto"  # "auto" = naive without a cache; decoding: triton on CUDA (Triton installed), else absorbed
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """One token's cache entry: the normalised latent (C,) and the shared rotary key (R,)."""
@@ -157,7 +160,8 @@ class MLA(nn.Module):
             freqs_cis: (S, R/2) complex rotary factors of the new positions.
             cache: this layer's latent cache (extended in place), or None for positions 0..S-1.
             impl: "naive", "absorbed", "triton" or "auto" (None = `self.impl`); "auto" picks naive
-                without a cache, and with one "triton" on CUDA when Triton is installed, else "absorbed".
+                without a cache; with one, "triton" when decoding (S <= 16) on CUDA with Triton installed,
+                else "absorbed".
         Returns:
             (B, S, D).
         Raises:
@@ -167,7 +171,8 @@ class MLA(nn.Module):
         if impl not in MLA_IMPLS:
             raise ValueError(f"impl={impl!r} must be one of {MLA_IMPLS}")
         if impl == "auto":
-            impl = "naive" if cache is None else "triton" if x.is_cuda and _has_triton() else "absorbed"
+            decoding = cache is not None and x.shape[1] <= TRITON_MAX_NEW  # one token, or a few drafted ones
+            impl = "naive" if cache is None else "triton" if decoding and x.is_cuda and _has_triton() else "absorbed"
         B, S, _ = x.shape
         start_pos = cache.length if cache is not None else 0
         q_nope, q_pe = self._queries(x, freqs_cis)

@@ -255,6 +255,30 @@ def test_mla_triton_path_equals_absorbed_and_naive(T, B):
     torch.testing.assert_close(outs["triton"], outs["naive"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
+def test_mla_auto_uses_triton_when_decoding_on_cuda(monkeypatch):
+    mla, cfg = _tiny_mla(C=32)
+    mla = mla.cuda()
+    freqs = precompute_freqs_cis(cfg, 200).cuda()
+    calls = []
+    monkeypatch.setattr(mla, "_attend_triton", lambda *a: calls.append(1) or mla._attend_absorbed(*a))
+    cache = KVCache(3, 200, mla.cache_spec(), device="cuda")
+    with torch.no_grad():
+        mla(torch.randn(3, 150, 32, device="cuda"), freqs[:150], cache)  # "auto": prefill -> absorbed
+        mla(torch.randn(3, 1, 32, device="cuda"), freqs[150:151], cache)  # decoding -> triton
+        mla(torch.randn(3, 3, 32, device="cuda"), freqs[151:154], cache)  # verifying drafts -> triton
+    assert len(calls) == 2
+
+
+def test_mla_auto_stays_absorbed_on_cpu(monkeypatch):
+    mla, cfg = _tiny_mla(C=32)
+    monkeypatch.setattr(mla, "_attend_triton", lambda *a: pytest.fail("auto chose triton on CPU"))
+    cache = KVCache(1, 8, mla.cache_spec())
+    with torch.no_grad():
+        mla(torch.randn(1, 4, 32), precompute_freqs_cis(cfg, 4), cache)
+
+
 @needs_triton
 def test_mla_fp8_cache_equals_absorbed_and_naive_on_dequantised_cache():
     mla, _ = _tiny_mla(C=128)
@@ -304,6 +328,19 @@ try:
     k.mla_decode(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 4), torch.randn(1, 3, 8), torch.randn(1, 3, 4), 1.0)
 except k.TritonUnavailableError as e:
     assert "impl='absorbed'" in str(e), e
+from deepseek_edu.attention import KVCache
+from deepseek_edu.config import ModelConfig
+from deepseek_edu.rope import precompute_freqs_cis
+cfg = ModelConfig(attention="mla", dim=32, n_heads=4, n_layers=1, vocab_size=64, q_lora_rank=0, kv_lora_rank=32,
+                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+mla, cache = MLA(cfg), KVCache(1, 4, {"kv": (32,), "pe": (8,)})
+assert mla(torch.randn(1, 3, 32), precompute_freqs_cis(cfg, 3), cache).shape == (1, 3, 32)  # auto -> absorbed
+try:
+    mla(torch.randn(1, 1, 32), precompute_freqs_cis(cfg, 4)[3:], cache, impl="triton")
+except k.TritonUnavailableError:
+    pass
+else:
+    raise SystemExit('impl=triton without Triton did not raise')
 print('ok')
 """
 

@@ -137,7 +137,6 @@ def mla_decode_split_kernel(
     UPCAST (interpreter only): feed tl.dot fp32 copies of the 16-bit operands (exact products, so the same
     sums), because the interpreter's tl.dot mishandles bf16.
     """
-    CDT: tl.constexpr = q_ptr.dtype.element_ty  # the dots' input dtype (the cache is cast to it)
     pid_bsh, split = tl.program_id(0), tl.program_id(1)
     n_hb = tl.cdiv(H, BLOCK_H)
     bs, hb = pid_bsh // n_hb, pid_bsh % n_hb
@@ -167,9 +166,9 @@ def mla_decode_split_kernel(
             sc = tl.load(kv_scale_ptr + b * stride_s_b + ts[:, None] * stride_s_t + cs[None, :] // 128,
                          mask=kv_mask, other=0.0)
             kv = kv.to(tl.float32) * sc
-        kv = kv.to(CDT)
+        kv = kv.to(q_ptr.dtype.element_ty)  # the dots' input dtype: q's
         pe = tl.load(pe_ptr + b * stride_pe_b + ts[:, None] * stride_pe_t + rs[None, :],
-                     mask=mask_t[:, None] & (rs[None, :] < R), other=0.0).to(CDT)
+                     mask=mask_t[:, None] & (rs[None, :] < R), other=0.0).to(q_ptr.dtype.element_ty)
         if UPCAST:
             kv = kv.to(tl.float32)
             pe = pe.to(tl.float32)
@@ -180,7 +179,7 @@ def mla_decode_split_kernel(
         alpha = tl.exp(m_i - m_new)  # rescale what was summed under the old max
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(CDT).to(kv.dtype), kv, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q_ptr.dtype.element_ty).to(kv.dtype), kv, input_precision=DOT_PRECISION)
         m_i = m_new
     empty = l_i == 0.0  # no visible position in this split
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
