@@ -61,7 +61,8 @@ def check_device(*tensors: torch.Tensor) -> None:
 
     Raises:
         ValueError: if the tensors are on different devices.
-        TritonUnavailableError: CPU tensors without the interpreter, or CUDA tensors under it.
+        TritonUnavailableError: CPU tensors without the interpreter (CUDA tensors under the
+            interpreter run, copied to the host: correct but slow).
     """
     devices = {t.device for t in tensors}
     if len(devices) != 1:
