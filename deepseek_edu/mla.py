@@ -18,6 +18,8 @@ rotary queries q_pe and one shared rotary key k_pe, concatenated to the position
 - `_attend_absorbed`: fold W_UK into the query, score against the latent, sum the latent with the
   attention weights, then apply W_UV. The same numbers (tests/test_mla.py checks to 1e-5 in fp32),
   but decoding reads C + R numbers per cached token instead of up-projecting H * (N + Dv).
+- `_attend_triton`: the absorbed path with the latent attention in one Triton kernel
+  (`kernels.mla_decode`, notebook 09); "auto" uses it when decoding on CUDA with Triton installed.
 
 Weight names are those of DeepSeek's `inference/model.py`: wq (or wq_a, q_norm, wq_b), wkv_a,
 kv_norm, wkv_b, wo.
@@ -34,7 +36,14 @@ from .config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rotary_emb
 
-MLA_IMPLS = ("auto", "naive", "absorbed")
+
+def _has_triton() -> bool:
+    from .kernels import HAS_TRITON
+    return HAS_TRITON
+
+
+MLA_IMPLS = ("auto", "naive", "absorbed", "triton")
+TRITON_MAX_NEW = 16  # "auto" decodes with the Triton kernel up to this many new positions (not prefill)
 
 
 class MLA(nn.Module):
@@ -73,7 +82,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(H * self.v_head_dim, D, bias=False)
-        self.impl = "auto"  # default path; "auto" = naive without a cache, absorbed when decoding
+        self.impl = "auto"  # "auto" = naive without a cache; decoding: triton on CUDA (Triton installed), else absorbed
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         """One token's cache entry: the normalised latent (C,) and the shared rotary key (R,)."""
@@ -141,8 +150,21 @@ class MLA(nn.Module):
         if impl not in MLA_IMPLS:
             raise ValueError(f"impl={impl!r} must be one of MLA_IMPLS = {MLA_IMPLS}")
         if impl == "auto":
-            return "naive" if cache is None else "absorbed"
+            return "naive" if cache is None else "absorbed"  # forward() picks "triton" on CUDA when decoding
         return impl
+
+    def _attend_triton(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, start_pos: int) -> Tensor:
+        """`_attend_absorbed` with the latent attention in a Triton kernel (`kernels.mla_decode`, chapter 09).
+
+        q_nope (B,S,H,N), q_pe (B,S,H,R), kv (B,T,C), pe (B,T,R) -> (B,S,H,Dv); the S queries are the
+        last S of the T positions (T = start_pos + S). Raises TritonUnavailableError without Triton.
+        """
+        from .kernels import mla_decode  # imports without Triton; the call raises if it is missing
+
+        w_uk, w_uv = self._split_wkv_b()  # (H, N, C), (H, Dv, C)
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk).contiguous()  # (B, S, H, C)
+        o_latent = mla_decode(q_latent, q_pe.contiguous(), kv, pe, self.softmax_scale)  # (B, S, H, C)
+        return torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # (B, S, H, Dv)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, cache: KVCache | None = None, impl: str | None = None) -> Tensor:
         """Attend from the S new positions of `x` to all cached positions and themselves.
@@ -151,14 +173,19 @@ class MLA(nn.Module):
             x: (B, S, D).
             freqs_cis: (S, R/2) complex rotary factors of the new positions.
             cache: this layer's latent cache (extended in place), or None for positions 0..S-1.
-            impl: "naive", "absorbed" or "auto" (None = `self.impl`); "auto" picks naive without a
-                cache and absorbed with one.
+            impl: "naive", "absorbed", "triton" or "auto" (None = `self.impl`); "auto" picks naive
+                without a cache; with one, "triton" when decoding (S <= 16) on CUDA with Triton installed,
+                else "absorbed".
         Returns:
             (B, S, D).
         Raises:
             ValueError: on an unknown `impl`.
         """
+        requested = impl
         impl = self.resolve_impl(impl, cache)
+        if ((self.impl if requested is None else requested) == "auto" and cache is not None
+                and x.shape[1] <= TRITON_MAX_NEW and x.is_cuda and _has_triton()):
+            impl = "triton"  # decoding one token, or a few drafted ones, on a GPU with Triton
         B, S, _ = x.shape
         start_pos = cache.length if cache is not None else 0
         q_nope, q_pe = self._queries(x, freqs_cis)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when triton.language is first imported (torch.compile in other test
+# modules may import it before tests/test_kernels.py runs): without CUDA, kernels can only run in the
+# CPU interpreter, so set it before any test module is collected. No effect when triton is absent.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
