@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import tempfile
 import traceback
@@ -49,7 +50,9 @@ def _worker(rank: int, world_size: int, store_path: str, backend: str, timeout_s
         dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         try:
-            queue.put((rank, "ok", fn(rank, world_size, *args)))
+            # plain pickle bytes: the queue's own pickler would pass tensors as shared-memory handles
+            # that vanish when this process exits
+            queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 -- report every failure to the parent, never die silently
@@ -91,7 +94,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), backend
             for _ in range(world_size):
                 rank, status, value = queue.get(timeout=3 * timeout_s)
                 if status == "ok":
-                    results[rank] = value
+                    results[rank] = pickle.loads(value)
                 else:
                     errors[rank] = (value[0], value[1])
                     details.append(f"--- rank {rank} ---\n{value[2]}")
