@@ -78,3 +78,23 @@ def test_bytes_per_token_v3():
     assert bytes_per_token(7168, 8, "fp8")["dispatch"] == 8 * (7168 + 224)
     with pytest.raises(ValueError, match="dispatch"):
         bytes_per_token(7168, 8, "fp16")
+
+
+def _dispatch_vs_simulated(rank: int, world_size: int) -> bool:
+    from deepseek_edu.parallel.expert_parallel import all_to_all_rows, exchange_counts, simulate_dispatch
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [4, 0, 7, 5][:world_size]
+    xs = [torch.randn(n, 6, generator=g) for n in lengths]
+    idx = [torch.randint(0, 8, (n, 2), generator=g) for n in lengths]
+    want_rows, want_counts = simulate_dispatch(xs, idx, 8)
+    flat = idx[rank].flatten()
+    counts = torch.zeros(8, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat)).view(world_size, -1)
+    recv = exchange_counts(counts)
+    rows = all_to_all_rows(xs[rank].index_select(0, flat.argsort(stable=True) // 2),
+                           recv.sum(1).tolist(), counts.sum(1).tolist())
+    return torch.equal(rows, want_rows[rank]) and torch.equal(recv, want_counts[rank])
+
+
+def test_simulated_dispatch_is_the_distributed_one():
+    assert all(run_ranks(_dispatch_vs_simulated, 4))

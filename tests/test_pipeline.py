@@ -5,6 +5,7 @@ give named errors; 1F1B executed over 2 and 4 gloo ranks gives the unpipelined g
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import pytest
@@ -46,7 +47,7 @@ def test_timeline_is_consistent():
     t = simulate("1f1b", 4, 8)
     for r in range(4):
         ev = [e for e in t.events if e.rank == r]
-        assert all(a.end <= b.start for a, b in zip(ev, ev[1:]))
+        assert all(a.end <= b.start for a, b in itertools.pairwise(ev))
         assert sum(e.kind == "F" for e in ev) == 8 and sum(e.kind == "B" for e in ev) == 8
     first_f = {r: min(e.start for e in t.events if e.rank == r and e.kind == "F" and e.microbatch == 0)
                for r in range(4)}

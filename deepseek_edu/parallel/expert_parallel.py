@@ -103,6 +103,37 @@ def exchange_counts(send_counts: Tensor, group=None) -> Tensor:
     return recv
 
 
+def simulate_dispatch(xs: list[Tensor], indices: list[Tensor], n_experts: int
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+    """Steps 2-4 in one process, the ranks simulated by lists: what every rank receives.
+
+    Args:
+        xs: per rank r, (N_r, D) tokens (N_r may be 0). indices: per rank, (N_r, K) chosen experts.
+        n_experts: E, divisible by W = len(xs).
+    Returns:
+        (received, recv_counts): per destination rank d, received[d] (R_d, D) -- the rows from
+        source 0, then source 1, ...; from each source its (token, slot) pairs sorted by expert
+        (stably) -- and recv_counts[d] (W, E/W) int64, rows from source s for d's local expert e.
+    Raises:
+        ValueError: W does not divide E, or the lists differ in length.
+    """
+    W = len(xs)
+    if W != len(indices) or n_experts % W:
+        raise ValueError(f"{W} ranks with {len(indices)} index tensors and n_experts={n_experts}: the lists "
+                         "must have one entry per rank and the ranks must divide the experts")
+    local = n_experts // W
+    sends, send_counts = [], []
+    for x, idx in zip(xs, indices):
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = expert_counts(flat, n_experts).view(W, local)  # (W, E_local)
+        sends.append(x.index_select(0, order // idx.shape[1]).split(counts.sum(1).tolist()))
+        send_counts.append(counts)
+    received = [torch.cat([sends[s][d] for s in range(W)]) for d in range(W)]
+    recv_counts = [torch.stack([send_counts[s][d] for s in range(W)]) for d in range(W)]
+    return received, recv_counts
+
+
 def config_fingerprint(cfg_values: tuple) -> int:
     """A 63-bit hash of a tuple of config values, equal on every rank that holds the same config."""
     digest = hashlib.sha256(repr(cfg_values).encode()).digest()

@@ -101,80 +101,82 @@ def order_dualpipe(pp: int, m: int, v_shape: bool = False) -> list[list[Op]]:
     DualPipeV: PP ranks, 2 PP chunks in a V (rank r holds chunks r and 2PP-1-r of one path);
     n = PP, h = r, m micro-batches.
     """
-    ranks = []
-    for r in range(pp):
-        if v_shape:
-            n, h, chunks = pp, r, m
-            where = {0: (0, r), 1: (0, 2 * pp - 1 - r)}  # phase -> (path, position)
+    return [_dualpipe_rank(r, pp, m, v_shape) for r in range(pp)]
+
+
+def _dualpipe_rank(r: int, pp: int, m: int, v_shape: bool) -> list[Op]:
+    """The operation order of rank r of `order_dualpipe`."""
+    if v_shape:
+        n, h, chunks = pp, r, m
+        where = {0: (0, r), 1: (0, 2 * pp - 1 - r)}  # phase -> (path, position)
+    else:
+        n, h, chunks = pp // 2, min(r, pp - 1 - r), m // 2
+        near = 0 if r < pp // 2 else 1
+        where = {0: (near, r if near == 0 else pp - 1 - r), 1: (1 - near, r if near == 1 else pp - 1 - r)}
+    nxt_f, nxt_b = [0, 0], [0, 0]
+    ops: list[Op] = []
+    w_queue: list[Op] = []
+
+    def f(phase):
+        key = (*where[phase], nxt_f[phase])
+        nxt_f[phase] += 1
+        return key
+
+    def b(phase):
+        key = (*where[phase], nxt_b[phase])
+        nxt_b[phase] += 1
+        return key
+
+    def fwd(phase):
+        ops.append(Op("F", f=f(phase)))
+
+    def bwd(phase, zb=False):
+        key = b(phase)
+        if zb:
+            ops.append(Op("Bi", b=key))
+            w_queue.append(Op("W", b=key))
         else:
-            n, h, chunks = pp // 2, min(r, pp - 1 - r), m // 2
-            near = 0 if r < pp // 2 else 1
-            where = {0: (near, r if near == 0 else pp - 1 - r), 1: (1 - near, r if near == 1 else pp - 1 - r)}
-        nxt_f, nxt_b = [0, 0], [0, 0]
-        ops: list[Op] = []
-        w_queue: list[Op] = []
+            ops.append(Op("B", b=key))
 
-        def f(phase):
-            key = (*where[phase], nxt_f[phase])
-            nxt_f[phase] += 1
-            return key
+    def weight():
+        ops.append(w_queue.pop(0))
 
-        def b(phase):
-            key = (*where[phase], nxt_b[phase])
-            nxt_b[phase] += 1
-            return key
+    def fb(f_phase, b_phase):
+        ops.append(Op("FB", f=f(f_phase), b=b(b_phase)))
 
-        def fwd(phase):
-            ops.append(Op("F", f=f(phase)))
-
-        def bwd(phase, zb=False):
-            key = b(phase)
-            if zb:
-                ops.append(Op("Bi", b=key))
-                w_queue.append(Op("W", b=key))
-            else:
-                ops.append(Op("B", b=key))
-
-        def weight():
-            ops.append(w_queue.pop(0))
-
-        def fb(f_phase, b_phase):
-            ops.append(Op("FB", f=f(f_phase), b=b(b_phase)))
-
-        for _ in range((n - h - 1) * 2):  # 1: nF0
+    for _ in range((n - h - 1) * 2):  # 1: nF0
+        fwd(0)
+    for _ in range(h + 1):  # 2: nF0F1
+        fwd(0)
+        fwd(1)
+    for _ in range(n - h - 1):  # 3: nB1W1F1, zero bubble
+        bwd(1, zb=True)
+        weight()
+        fwd(1)
+    for i in range(chunks - 2 * n + h + 1):  # 4: main loop nF0B1F1B0
+        if i == 0 and h == n - 1:  # the middle ranks do not overlap their first pair
             fwd(0)
-        for _ in range(h + 1):  # 2: nF0F1
-            fwd(0)
-            fwd(1)
-        for _ in range(n - h - 1):  # 3: nB1W1F1, zero bubble
-            bwd(1, zb=True)
-            weight()
-            fwd(1)
-        for i in range(chunks - 2 * n + h + 1):  # 4: main loop nF0B1F1B0
-            if i == 0 and h == n - 1:  # the middle ranks do not overlap their first pair
-                fwd(0)
-                bwd(1)
-            else:
-                fb(0, 1)
-            fb(1, 0)
-        for _ in range(n - h - 1):  # 5: nB1F1B0
             bwd(1)
-            fb(1, 0)
-        zb = False
-        for i in range(h + 1):  # 6: nB1B0, the second half zero bubble
-            if i == (h + 1) // 2 and h % 2 == 1:
-                zb = True
-            bwd(1, zb)
-            if i == (h + 1) // 2 and h % 2 == 0:
-                zb = True
-            bwd(0, zb)
-        for _ in range(n - h - 1):  # 7: nWB0
-            weight()
-            bwd(0, zb=True)
-        for _ in range(h + 1):  # 8: nW
-            weight()
-        ranks.append(ops)
-    return ranks
+        else:
+            fb(0, 1)
+        fb(1, 0)
+    for _ in range(n - h - 1):  # 5: nB1F1B0
+        bwd(1)
+        fb(1, 0)
+    zb = False
+    for i in range(h + 1):  # 6: nB1B0, the second half zero bubble
+        if i == (h + 1) // 2 and h % 2 == 1:
+            zb = True
+        bwd(1, zb)
+        if i == (h + 1) // 2 and h % 2 == 0:
+            zb = True
+        bwd(0, zb)
+    for _ in range(n - h - 1):  # 7: nWB0
+        weight()
+        bwd(0, zb=True)
+    for _ in range(h + 1):  # 8: nW
+        weight()
+    return ops
 
 
 # --- simulation ---------------------------------------------------------------------------------
