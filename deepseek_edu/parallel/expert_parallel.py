@@ -69,6 +69,16 @@ def bytes_per_token(dim: int, topk: int, dispatch: str = "bf16") -> dict[str, fl
     return {"dispatch": float(topk * d), "combine": float(topk * 2 * dim), "total": float(topk * (d + 2 * dim))}
 
 
+def tokens_per_expert(batch_per_gpu: float, ep: int, topk: int, n_experts: int) -> float:
+    """Tokens one routed expert processes per decode step with a balanced load (V3 §3.4.2).
+
+    ep GPUs each decode batch_per_gpu sequences (one new token each); every token goes to topk of
+    n_experts experts: batch_per_gpu * ep * topk / n_experts. In BF16 an expert GEMM's arithmetic
+    intensity is this many FLOP per byte of weights read.
+    """
+    return batch_per_gpu * ep * topk / n_experts
+
+
 class _AllToAll(torch.autograd.Function):
     """rows (sum(in_splits), ...) -> (sum(out_splits), ...) by all_to_all_single; backward: the reverse."""
 
