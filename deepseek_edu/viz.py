@@ -414,3 +414,22 @@ def plot_pipeline_timeline(events: Sequence[tuple[int, float, float, str, int]],
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_gpu_loads(loads: Mapping[str, Sequence[float]], title: str = "", ax: Any = None) -> Figure:
+    """Grouped bars of tokens per GPU, one group per GPU, one bar per placement (label -> (G,) loads)."""
+    fig, ax = _figure_of(ax, 6.5, 3.0)
+    n = len(loads)
+    width = 0.8 / n
+    for i, (label, values) in enumerate(loads.items()):
+        values = _to_numpy(values)
+        ax.bar(np.arange(len(values)) + (i - (n - 1) / 2) * width, values, width=width,
+               label=f"{label} (max/mean {values.max() / values.mean():.2f})")
+        ax.axhline(values.mean(), color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("GPU")
+    ax.set_ylabel("tokens")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -8,8 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepseek_edu.parallel.eplb import (balanced_packing, expert_loads, global_placement, gpu_loads,
-                                        hierarchical_placement, imbalance, replicate)
+from deepseek_edu.parallel.eplb import (
+    balanced_packing,
+    expert_loads,
+    global_placement,
+    gpu_loads,
+    hierarchical_placement,
+    imbalance,
+    replicate,
+)
 
 
 def test_replicate_gives_extra_slots_to_the_heaviest_per_replica():
