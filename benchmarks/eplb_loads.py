@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import command_line, machine_info, now_utc, write_json  # noqa: E402
-from deepseek_edu.checkpoint import load_checkpoint, load_model  # noqa: E402
-from deepseek_edu.config import TrainConfig, get_preset  # noqa: E402
-from deepseek_edu.data import load_dataset  # noqa: E402
-from deepseek_edu.parallel.eplb import expert_loads  # noqa: E402
-from deepseek_edu.train import train  # noqa: E402
+from benchmarks._common import command_line, machine_info, now_utc, write_json
+from deepseek_edu.checkpoint import load_checkpoint, load_model
+from deepseek_edu.config import TrainConfig, get_preset
+from deepseek_edu.data import load_dataset
+from deepseek_edu.parallel.eplb import expert_loads
+from deepseek_edu.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
