@@ -98,3 +98,15 @@ def _dispatch_vs_simulated(rank: int, world_size: int) -> bool:
 
 def test_simulated_dispatch_is_the_distributed_one():
     assert all(run_ranks(_dispatch_vs_simulated, 4))
+
+
+def test_benchmark_check_mode_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "expert_parallel.py"
+    spec = importlib.util.spec_from_file_location("bench_expert_parallel", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--check"]) == 0
+    assert "ceiling_all_to_all" in capsys.readouterr().out
