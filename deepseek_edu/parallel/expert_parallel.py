@@ -277,6 +277,7 @@ def compare_with_single_process(rank: int, world_size: int, cfg: ModelConfig, le
     gradients (the same rows in the same order: exact up to a few ulps), and of the replicated
     weights' all-reduced gradients divided by max(1, their largest entry).
     """
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     torch.manual_seed(seed)
     moe = MoE(cfg)  # the same weights on every rank (same seed)
     with torch.no_grad():
@@ -285,8 +286,11 @@ def compare_with_single_process(rank: int, world_size: int, cfg: ModelConfig, le
     ref = MoE(cfg)
     ref.load_state_dict(moe.state_dict())
     ref.dispatch_impl = ref_impl  # "loop": the same per-expert GEMMs, weights applied after w2 as here
-    xs = _rank_tokens(world_size, lengths, cfg.dim, seed + 1)
-    targets = [torch.randn_like(x) for x in xs]
+    moe.to(device)
+    ref.to(device)
+    xs = [x.to(device) for x in _rank_tokens(world_size, lengths, cfg.dim, seed + 1)]
+    targets = [torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2 + r)).to(device)
+               for r, x in enumerate(xs)]
     # reference: one process, all ranks' tokens
     x_all = torch.cat(xs, dim=1).requires_grad_()
     y_ref = ref(x_all).y
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Check expert parallelism against the single-process MoE.")
     p.add_argument("--selftest", action="store_true", help="run the check (the only action)")
     p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo", help="nccl: one GPU per rank")
     args = p.parse_args(argv)
     if not args.selftest:
         p.print_help()
@@ -330,9 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = selftest_config()
     lengths = [5 + 3 * r for r in range(args.world_size)]
     lengths[-1] = 0  # one rank with an empty batch
-    results = run_ranks(compare_with_single_process, args.world_size, args=(cfg, lengths), backend="gloo")
+    results = run_ranks(compare_with_single_process, args.world_size, args=(cfg, lengths), backend=args.backend)
     worst = max(max(d.values()) for d in results)
-    print(f"expert parallel over {args.world_size} gloo ranks, tokens per rank {lengths}: "
+    print(f"expert parallel over {args.world_size} {args.backend} ranks, tokens per rank {lengths}: "
           f"max |EP - single process| over outputs and gradients = {worst:.1e}")
     print("equal within 1e-6:", worst <= 1e-6)
     return 0 if worst <= 1e-6 else 1
