@@ -91,7 +91,7 @@ def order_1f1b(pp: int, m: int, split_w: bool = False, w_lag: bool = False) -> l
 
 
 def order_dualpipe(pp: int, m: int, v_shape: bool = False) -> list[list[Op]]:
-    """DualPipe (two directions, PP/2 micro-batches... m/2 per direction) or DualPipeV (one V path).
+    """DualPipe (two directions, m/2 micro-batches each) or DualPipeV (one V-shaped path), per rank.
 
     The eight steps of DeepSeek's DualPipe schedule, written from its description: warm-up
     forwards of the near phase, then both phases, zero-bubble backwards, the main loop of
