@@ -32,9 +32,9 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_torchrun_two_processes_equals_one_process(tmp_path, capsys):
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "deepseek_edu", "train", "--steps", "20",
+    # `python -m torch.distributed.run` is the `torchrun` command
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "deepseek_edu", "train", "--steps", "20",
                           *SMALL, "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env,
                          timeout=300, cwd=ROOT, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
