@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.check:
         args.backend, args.tokens, args.dim, args.repeats = "gloo", "16,64", 256, 3
-    backend = args.backend or default_backend()
+    backend = args.backend or default_backend(args.world_size)
     tokens = [int(t) for t in args.tokens.split(",")]
     per_rank = run_ranks(_bench_rank, args.world_size, backend=backend, timeout_s=300,
                          args=(args.dim, args.topk, args.experts, tokens, args.repeats))

@@ -23,7 +23,7 @@ from deepseek_edu.parallel.launch import RankError, run_ranks
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--corpus", "python-docs", "--vocab-size", "512", "--dim", "32", "--n-layers", "2",
          "--n-heads", "2", "--inter-dim", "64", "--max-seq-len", "64", "--seq-len", "32", "--batch-size", "4",
-         "--eval-batches", "2", "--threads", "1", "--no-progress", "--sample-tokens", "0"]
+         "--eval-batches", "2", "--threads", "1", "--no-progress", "--sample-tokens", "0", "--device", "cpu"]
 LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-4
 
 
@@ -57,7 +57,7 @@ def _cfgs(out: str, steps: int = 4, batch: int = 4):
     model_cfg = get_preset("tiny").replace(vocab_size=512, dim=32, n_layers=2, n_heads=2, inter_dim=64,
                                           max_seq_len=64)
     train_cfg = TrainConfig(corpus="python-docs", vocab_size=512, seq_len=32, batch_size=batch, max_steps=steps,
-                            warmup_steps=0, eval_batches=2, eval_every=0, threads=1, out_dir=out)
+                            warmup_steps=0, eval_batches=2, eval_every=0, threads=1, out_dir=out, device="cpu")
     return model_cfg, train_cfg
 
 
@@ -78,7 +78,7 @@ def _resume(rank: int, world_size: int, tmp: str) -> dict:
 
 
 def test_resume_is_exact_and_ranks_stay_identical(tmp_path):
-    res = run_ranks(_resume, 2, args=(str(tmp_path),), timeout_s=120)
+    res = run_ranks(_resume, 2, args=(str(tmp_path),), timeout_s=120, backend="gloo")
     for r in res:
         assert r["resumed"] == r["straight"]
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["checkpoint.safetensors", "metrics.jsonl"]
@@ -95,6 +95,6 @@ def _bad_batch(rank: int, world_size: int, tmp: str) -> None:
 
 def test_global_batch_not_divisible_raises_on_every_rank(tmp_path):
     with pytest.raises(RankError) as err:
-        run_ranks(_bad_batch, 2, args=(str(tmp_path),), timeout_s=30)
+        run_ranks(_bad_batch, 2, args=(str(tmp_path),), timeout_s=30, backend="gloo")
     assert all(t == "ValueError" and "not divisible" in m for t, m in err.value.errors.values())
     assert set(err.value.errors) == {0, 1}

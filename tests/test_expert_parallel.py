@@ -33,9 +33,10 @@ def test_ep_equals_single_process(world_size, lengths):
 
 
 def test_ep_equals_grouped_reference_and_starved_rank():
-    """All tokens biased onto rank 0's experts: rank 1 receives no rows at all; grouped reference."""
+    """All tokens biased onto rank 0's experts: rank 1 receives no rows; the reference on its "auto" path
+    (the grouped GEMM on CPU)."""
     bias = torch.tensor([5.0] * 4 + [-5.0] * 4)
-    results = run_ranks(compare_with_single_process, 2, args=(selftest_config(), [6, 4], 0, "grouped", bias))
+    results = run_ranks(compare_with_single_process, 2, args=(selftest_config(), [6, 4], 0, "auto", bias))
     name, diff = _worst(results)
     assert diff <= TOL, f"max |EP - MoE| = {diff:.2e} at {name}"
 
@@ -50,14 +51,14 @@ def _build(rank: int, world_size: int, dims: list[int]) -> int:
 
 def test_world_size_not_dividing_experts_raises_on_every_rank():
     with pytest.raises(RankError) as err:
-        run_ranks(_build, 3, args=([32, 32, 32],), timeout_s=20)
+        run_ranks(_build, 3, args=([32, 32, 32],), timeout_s=20, backend="gloo")
     assert set(err.value.errors) == {0, 1, 2}
     assert all(t == "ValueError" and "not divisible" in m for t, m in err.value.errors.values())
 
 
 def test_mismatched_configs_raise_on_every_rank():
     with pytest.raises(RankError) as err:
-        run_ranks(_build, 2, args=([32, 16],), timeout_s=20)
+        run_ranks(_build, 2, args=([32, 16],), timeout_s=20, backend="gloo")
     assert set(err.value.errors) == {0, 1}
     assert all(t == "ValueError" and "different MoE configs" in m for t, m in err.value.errors.values())
 
@@ -69,7 +70,7 @@ def _hang(rank: int, world_size: int) -> None:
 
 def test_missing_partner_times_out_instead_of_hanging():
     with pytest.raises(RankError):
-        run_ranks(_hang, 2, timeout_s=3)
+        run_ranks(_hang, 2, timeout_s=3, backend="gloo")
 
 
 def test_bytes_per_token_v3():
@@ -97,7 +98,7 @@ def _dispatch_vs_simulated(rank: int, world_size: int) -> bool:
 
 
 def test_simulated_dispatch_is_the_distributed_one():
-    assert all(run_ranks(_dispatch_vs_simulated, 4))
+    assert all(run_ranks(_dispatch_vs_simulated, 4, backend="gloo"))  # CPU tensors
 
 
 def test_benchmark_check_mode_runs(capsys):

@@ -148,6 +148,9 @@ def make_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, resume: bool = 
         return Trainer(model_cfg, train_cfg, resume=resume, progress=progress)
     device = resolve_device(train_cfg.device)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
+                             "NCCL needs one GPU per process; lower --nproc_per_node or use --device cpu")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)

@@ -36,9 +36,9 @@ class RankError(RuntimeError):
         super().__init__("; ".join(lines) + (f"\n{details}" if details else ""))
 
 
-def default_backend() -> str:
-    """NCCL when CUDA is available (one GPU per rank), else gloo."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(world_size: int = 1) -> str:
+    """NCCL when there is one CUDA device per rank (NCCL refuses two ranks on one GPU), else gloo."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
 
 
 def _worker(rank: int, world_size: int, store_path: str, backend: str, timeout_s: float,
@@ -67,7 +67,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), backend
         fn: a module-level function (it is pickled under the "spawn" start method); its return value
             must be picklable (tensors are fine).
         world_size: number of processes, >= 1.
-        backend: "gloo" | "nccl" | None (= `default_backend()`).
+        backend: "gloo" | "nccl" | None (= `default_backend(world_size)`).
         timeout_s: per-collective timeout, and (x 3) the wall limit of the whole run.
     Returns:
         the return values, indexed by rank.
@@ -77,7 +77,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), backend
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    backend = backend or default_backend()
+    backend = backend or default_backend(world_size)
     # fork: no second import of torch per rank (seconds on a busy CPU); spawn where fork is absent
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() and backend == "gloo" else "spawn")
     queue = ctx.Queue()

@@ -343,7 +343,7 @@ def make_stack(dim: int, n_layers: int, seed: int = 0):
 
 def run_1f1b(rank: int, world_size: int, dim: int = 16, n_layers: int = 8, batch: int = 12,
              microbatches: int = 6, seed: int = 0) -> dict:
-    """Train step of `make_stack` pipelined with 1F1B over the ranks of the default process group.
+    """Train step of `make_stack` pipelined with 1F1B over the ranks of the default process group (CPU tensors: gloo).
 
     Rank r holds layers [r L/W, (r+1) L/W); activations go forward by send/recv, their gradients
     backward; every rank runs exactly the operation order of `order_1f1b` (the one simulated).
