@@ -248,7 +248,7 @@ def _sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: flo
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import Trainer
+    from .parallel.data_parallel import make_trainer  # a plain Trainer unless run under torchrun
 
     t0 = time.perf_counter()
     model_cfg, train_cfg = _configs(args)
@@ -259,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if existing.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"{existing} exists: pass --resume to continue that run, --overwrite to replace it, "
                          f"or --out for a new folder")
-    trainer = Trainer(model_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
+    trainer = make_trainer(model_cfg, train_cfg, resume=args.resume, progress=not args.no_progress)
     if trainer.resumed_from is not None:
         print(f"resuming from step {trainer.resumed_from} of {trainer.checkpoint_path}")
     elif args.resume:
