@@ -5,13 +5,19 @@ that ends with the figure shows it exactly once as a static PNG -- what GitHub a
 from the committed notebook. Figures are small on purpose (`FIG_DPI`, a few inches wide): a
 notebook must stay under 1 MB with its outputs.
 
-**Static figure first.** An interactive explorer is only alive in a running kernel; a reader on
-GitHub sees its saved output. So every explorer first draws its figure at the default settings as
-an ordinary output, and only then shows the controls (`explorer`). The controls redraw into an
-`ipywidgets.Output` that starts *empty*: running the notebook stores no second copy of the figure
-inside the widget state, and nothing is drawn until the reader moves a control.
+**Alternative text.** `show(fig, alt=...)` displays a figure as a PNG together with an HTML
+`<img alt=...>` of the same PNG, so a screen reader, nbconvert's HTML and a static reader get a
+description of every figure (a bare matplotlib figure has none). Cells that show a figure end with
+`viz.show(fig, alt="what the figure shows")`.
+
+**Static figure first, one figure only.** An interactive explorer is only alive in a running
+kernel; a reader on GitHub sees its saved output. So every explorer first draws its figure at the
+default settings as an ordinary output (with its alternative text), then shows the controls
+(`explorer`). Moving a control *replaces that same output* (an IPython display id), so the page
+never shows a stale static figure beside a live one, and the widget state stores no copy of it.
 
 Helpers:
+    show               display a figure with alternative text (PNG + HTML <img alt>), once
     new_figure         an empty figure (or a grid of axes) at the course's size and DPI
     plot_loss_curves   training / validation loss against steps, with a reference line
     plot_bars          one bar per label (characters per document, ...)
@@ -39,6 +45,46 @@ from matplotlib.ticker import MaxNLocator
 
 FIG_DPI = 80  # dots per inch of every figure: readable on screen, PNGs of tens of kB
 TOKEN_COLORS = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d7f2f7")  # pastel cycle
+
+
+def figure_bundle(fig: Figure, alt: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The display bundle of `fig`: (data, metadata) for `IPython.display.display(..., raw=True)`.
+
+    data holds `image/png` (what GitHub and JupyterLab draw), `text/html` (the same PNG in an
+    `<img>` carrying `alt`, which nbconvert's HTML and screen readers use) and `text/plain` (the
+    alternative text). Raises ValueError if `alt` is empty: every figure gets a description.
+    """
+    import base64
+    import html
+    import io
+
+    if not isinstance(alt, str) or not alt.strip():
+        raise ValueError("figure_bundle: alt must be a non-empty description of the figure")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    png = base64.b64encode(buf.getvalue()).decode("ascii")
+    text = " ".join(alt.split())
+    data = {
+        "image/png": png,
+        "text/html": f'<img src="data:image/png;base64,{png}" alt="{html.escape(text, quote=True)}"/>',
+        "text/plain": f"[figure] {text}",
+    }
+    return data, {"image/png": {"alt": text}}
+
+
+def show(fig: Figure, alt: str, display_id: Any = None) -> Any:
+    """Display `fig` once, with alternative text; returns the display handle (or None).
+
+    Use as the last line of a cell instead of ending the cell with the figure:
+    `viz.show(fig, alt="loss against step for ...")`. Pass `display_id=True` to get a handle whose
+    `update` replaces this very output later (how `explorer` redraws).
+    Raises ValueError if `alt` is empty.
+    """
+    from IPython.display import display
+
+    data, metadata = figure_bundle(fig, alt)
+    plt.close(fig)
+    return display(data, raw=True, metadata=metadata, display_id=display_id)
 
 
 def new_figure(width: float = 6.0, height: float = 3.2, nrows: int = 1, ncols: int = 1,
@@ -340,22 +386,25 @@ def plot_paradigm_map() -> Figure:
     return fig
 
 
-def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True) -> Any:
-    """Static figure first, then widgets that redraw it: the course's pattern for explorers.
+def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True,
+             alt: str | Callable[..., str] = "interactive figure") -> Any:
+    """Static figure first, then widgets that redraw *that same figure*: the course's explorers.
 
     1. `draw(**defaults)` is called once with each control's current value and its figure is
-       displayed as an ordinary output (GitHub and nbviewer show it; so does a printout).
-    2. The controls and an *empty* `ipywidgets.Output` are displayed; when any control changes,
-       `draw` is called again and its figure replaces the output's content. Nothing is drawn into
-       the widget until then, so the stored widget state carries no copy of the figure.
+       displayed (with `alt`) as an ordinary output that GitHub, nbviewer and a printout show.
+    2. The controls are returned for display under it. When any control changes, `draw` is called
+       again and its figure *replaces* the output of step 1 (same display id): the page never
+       shows a stale static figure beside a live one, and no widget state stores a figure.
 
     Args:
         draw: keyword arguments named like `controls` -> a matplotlib Figure.
         controls: name -> ipywidgets control (anything with `.value` and `.observe`).
-        show_static: display the figure at the defaults first (step 1).
+        show_static: display the figure at the defaults first (step 1). Without it the figure is
+            drawn into an `ipywidgets.Output` under the controls at the first change.
+        alt: alternative text of the figure, or a function of the controls' values returning it.
     Returns:
-        The `ipywidgets.VBox` holding the controls and the output: end the cell with the call
-        so that Jupyter displays it under the static figure.
+        An `ipywidgets.VBox` holding the controls (and the Output when show_static is False): end
+        the cell with the call so that Jupyter displays it under the figure.
     """
     import ipywidgets as widgets
     from IPython.display import display
@@ -363,19 +412,36 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
     def current() -> dict[str, Any]:
         return {name: c.value for name, c in controls.items()}
 
+    def bundle() -> tuple[dict[str, str], dict[str, Any]]:
+        values = current()
+        fig = draw(**values)
+        plt.close(fig)
+        return figure_bundle(fig, alt(**values) if callable(alt) else alt)
+
+    row = widgets.HBox(list(controls.values()))
     if show_static:
-        display(draw(**current()))
-    out = widgets.Output()
+        data, metadata = bundle()
+        handle = display(data, raw=True, metadata=metadata, display_id=True)
 
-    def redraw(_change: Any = None) -> None:
-        fig = draw(**current())
-        with out:
-            out.clear_output(wait=True)
-            display(fig)
+        def redraw(_change: Any = None) -> None:
+            new_data, new_metadata = bundle()
+            if handle is not None:
+                handle.update(new_data, raw=True, metadata=new_metadata)
 
+        box = widgets.VBox([row])
+    else:
+        out = widgets.Output()
+
+        def redraw(_change: Any = None) -> None:
+            new_data, new_metadata = bundle()
+            with out:
+                out.clear_output(wait=True)
+                display(new_data, raw=True, metadata=new_metadata)
+
+        box = widgets.VBox([row, out])
     for control in controls.values():
         control.observe(redraw, names="value")
-    return widgets.VBox([widgets.HBox(list(controls.values())), out])
+    return box
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -4,8 +4,8 @@ Checks that every helper returns a matplotlib Figure that pyplot no longer track
 cell shows it exactly once and nothing leaks), that bad inputs raise `ValueError` naming the
 mismatch, that text the default font cannot draw (emoji, CJK) never triggers matplotlib's
 "Glyph missing" warning (a stderr line in a notebook), that the paradigm map holds every notebook
-and survey section, and that `explorer` shows the static figure first and leaves its widget output
-empty until a control changes.
+and survey section, that `show` gives every figure alternative text, and that `explorer` shows the
+static figure first and redraws that same output (never a second figure) when a control changes.
 """
 
 from __future__ import annotations
@@ -172,12 +172,51 @@ def test_box_edge_lies_on_the_box_border() -> None:
     assert (x, y) == pytest.approx((0.5, 0.5 - viz._MAP_BOX_H / 2))
 
 
-def test_explorer_shows_static_figure_first_and_leaves_the_output_empty(monkeypatch) -> None:
+class _Handle:
+    """Stands in for IPython's DisplayHandle: records each update of the displayed output."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def update(self, data, **kw) -> None:
+        self.log.append(("update", data, kw))
+
+
+def _fake_display(log: list):
+    def display(*objs, **kw):
+        log.append(("display", objs, kw))
+        return _Handle(log) if kw.get("display_id") else None
+    return display
+
+
+def test_show_displays_png_and_html_with_alt_text_once(monkeypatch) -> None:
+    import IPython.display
+
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
+    fig = viz.plot_tokens(["ab", "c"])
+    viz.show(fig, alt='two "tokens" <a>')
+    assert len(log) == 1
+    _, (data,), kw = log[0]
+    assert kw["raw"] is True and set(data) == {"image/png", "text/html", "text/plain"}
+    assert data["image/png"] in data["text/html"], "the HTML image is the same PNG"
+    assert 'alt="two &quot;tokens&quot; &lt;a&gt;"' in data["text/html"], "alt text escaped into the <img>"
+    assert kw["metadata"]["image/png"]["alt"] == 'two "tokens" <a>'
+    assert _untracked(fig)
+
+
+@pytest.mark.parametrize("alt", ["", "   ", None])
+def test_show_refuses_a_figure_without_alt_text(alt) -> None:
+    with pytest.raises(ValueError, match="alt"):
+        viz.figure_bundle(viz.plot_tokens(["a"]), alt)
+
+
+def test_explorer_redraws_the_static_figure_in_place(monkeypatch) -> None:
     widgets = pytest.importorskip("ipywidgets")
     import IPython.display
 
-    shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
     calls = []
 
     def draw(n=1, word="a"):
@@ -185,23 +224,25 @@ def test_explorer_shows_static_figure_first_and_leaves_the_output_empty(monkeypa
         return viz.plot_tokens([word] * n)
 
     slider, text = widgets.IntSlider(2, 1, 5), widgets.Text("x")
-    box = viz.explorer(draw, {"n": slider, "word": text})
+    box = viz.explorer(draw, {"n": slider, "word": text}, alt=lambda n, word: f"{n} boxes of {word}")
     assert calls == [(2, "x")], "the static figure is drawn once with the controls' values"
-    assert len(shown) == 1 and isinstance(shown[0], Figure), "only the static figure is displayed by explorer"
-    assert isinstance(box, widgets.VBox)
-    out = box.children[1]
-    assert isinstance(out, widgets.Output) and out.outputs == (), "no copy of the figure in the widget state"
+    assert len(log) == 1 and log[0][0] == "display" and log[0][2]["display_id"] is True
+    assert log[0][1][0]["text/plain"] == "[figure] 2 boxes of x"
+    assert isinstance(box, widgets.VBox) and len(box.children) == 1, "controls only: no second figure"
     slider.value = 3
     assert calls[-1] == (3, "x")
+    assert log[-1][0] == "update" and log[-1][1]["text/plain"] == "[figure] 3 boxes of x", "same output replaced"
     text.value = "y"
-    assert calls[-1] == (3, "y")
+    assert calls[-1] == (3, "y") and len(log) == 3
+    assert [kind for kind, *_ in log] == ["display", "update", "update"], "never a second figure on the page"
 
 
 def test_explorer_can_skip_the_static_figure(monkeypatch) -> None:
     widgets = pytest.importorskip("ipywidgets")
     import IPython.display
 
-    shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
-    viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, show_static=False)
-    assert shown == []
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
+    box = viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, show_static=False)
+    assert log == []
+    assert isinstance(box.children[1], widgets.Output) and box.children[1].outputs == ()
