@@ -246,3 +246,102 @@ def test_explorer_can_skip_the_static_figure(monkeypatch) -> None:
     box = viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, show_static=False)
     assert log == []
     assert isinstance(box.children[1], widgets.Output) and box.children[1].outputs == ()
+
+
+# --- chapter figures (01-04) ------------------------------------------------------------------
+
+def test_png_bytes_is_a_small_palette_png() -> None:
+    from PIL import Image
+
+    data = viz.png_bytes(viz.plot_tokens(["ab", "c"]))
+    image = Image.open(__import__("io").BytesIO(data))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and image.mode == "P"
+
+
+def test_chapter01_figures() -> None:
+    fig = viz.plot_compression([263, 512, 1024], [1.0, 2.0, 2.5], course=(2048, 3.0))
+    assert _untracked(fig) and fig.axes[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match="plot_compression"):
+        viz.plot_compression([1, 2], [1.0])
+    fig = viz.plot_token_lengths(np.array([1, 1, 2, 3, 20]), np.array([0, 5, 3, 2, 1]), first=1)
+    assert _untracked(fig) and len(fig.axes) == 2
+    with pytest.raises(ValueError, match="plot_token_lengths"):
+        viz.plot_token_lengths(np.ones(3), np.ones(4))
+
+
+def test_chapter02_figures() -> None:
+    import torch
+
+    inv_freq = 10000.0 ** (-torch.arange(0, 8, 2) / 8)
+    cos = torch.outer(torch.arange(16.0), inv_freq).cos()
+    fig = viz.plot_rope(inv_freq, cos, max_seq_len=16)
+    assert _untracked(fig) and len(fig.axes) >= 2
+    with pytest.raises(ValueError, match="plot_rope"):
+        viz.plot_rope(inv_freq, cos[:, :2], 16)
+    mask = torch.ones(3, 8, dtype=torch.bool).tril(5)
+    fig = viz.plot_causal_masks([mask], ["x"], [5])
+    assert _untracked(fig) and [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["5", "6", "7"]
+    with pytest.raises(ValueError, match="same length"):
+        viz.plot_causal_masks([mask], ["a", "b"], [0])
+
+
+def test_mla_diagram_reads_the_module_shapes() -> None:
+    import torch
+
+    from deepseek_edu.config import get_preset
+    from deepseek_edu.mla import MLA
+
+    with torch.device("meta"):
+        mla = MLA(get_preset("deepseek-v3"))
+    fig = viz.plot_mla_diagram(mla)
+    text = " ".join(_texts(fig))
+    assert _untracked(fig)
+    for label in ("wkv_a (576, 7168)", "kv_norm", "wkv_b (32768, 512)", "wq_a (1536, 7168)", "wo (7168, 16384)",
+                  "576 numbers"):
+        assert label in text, label
+    with pytest.raises(ValueError, match="MLA"):
+        viz.plot_mla_diagram(torch.nn.Linear(2, 2))
+
+
+def test_kv_cache_curves_match_the_analysis_formulas() -> None:
+    from deepseek_edu.analysis import kv_cache_bytes_per_token
+    from deepseek_edu.config import get_preset
+
+    v3 = get_preset("deepseek-v3")
+    curves = viz.kv_cache_curves({"V3": v3}, [1024, 2048])
+    assert curves["V3"]["mla"] == [70_272 * 1024, 70_272 * 2048]
+    assert curves["V3"]["gqa"][0] == kv_cache_bytes_per_token(v3, "gqa", n_kv_heads=8) * 1024
+    assert set(curves["V3"]) == {"mha", "gqa", "mqa", "mla"}
+    fig = viz.plot_kv_cache_vs_context(curves, [1024, 2048])
+    assert _untracked(fig) and len(fig.axes[0].lines) == 4
+    pfig = viz.kv_cache_plotly(curves, [1024, 2048])
+    assert len(pfig.data) == 4 and pfig.data[0].y[0] == pytest.approx(curves["V3"]["mha"][0] / 1e9)
+
+
+def test_show_plotly_stores_json_and_text_only(monkeypatch) -> None:
+    import IPython.display
+
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
+    viz.show_plotly(viz.kv_cache_plotly(viz.kv_cache_curves({"V3": __import__("deepseek_edu.config", fromlist=["x"])
+                                                                .get_preset("deepseek-v3")}, [1024]), [1024]), alt="kv")
+    (data,) = log[0][1]
+    assert set(data) == {"application/vnd.plotly.v1+json", "text/plain"} and data["text/plain"].endswith("kv")
+    assert len(__import__("json").dumps(data)) < 50_000, "no plotly.js inside the notebook"
+    with pytest.raises(ValueError, match="alt"):
+        viz.show_plotly(None, alt="")
+
+
+def test_plot_decode_speed_and_machine_note() -> None:
+    res = {"dtype": "float32", "contexts": [512, 1024], "batches": [1, 32],
+           "machine": {"load_average_1_5_15_min": [7.0, 7.0, 5.0], "cpu_count": 2},
+           "results": [{"kind": k, "batch": 32, "ctx": c, "tokens_per_s": t}
+                       for k in ("mha", "mla-naive", "mla-absorbed") for c, t in ((512, 10.0), (1024, 5.0))],
+           "absorbed_over_naive": [{"batch": b, "ctx": c, "absorbed_over_naive": 2.0} for b in (1, 32) for c in (512, 1024)]}
+    assert viz.machine_note(res) == "load 7.0 on 2 cores"
+    assert viz.machine_note({"machine": {"load_average_1_5_15_min": [0.5], "cpu_count": 2}}) == ""
+    assert viz.decode_tokens_per_s(res, "mha", 32) == ([512, 1024], [10.0, 5.0])
+    fig = viz.plot_decode_speed({"CPU": res}, labels=["CPU", "H200"])
+    assert _untracked(fig)
+    assert "load 7.0 on 2 cores" in fig.axes[0].get_title(), "a CPU panel measured under load says so"
+    assert "no H200 results" in " ".join(_texts(fig))
