@@ -878,7 +878,7 @@ def plot_balance_runs(max_violation: Mapping[str, Sequence[float]], val_loss: Ma
     ax1.legend(fontsize=8)
     arms = list(max_violation)
     vals = [val_loss[a] for a in arms]
-    ax2.bar(arms, vals, color=[colors.get(a) for a in arms])
+    ax2.bar(arms, vals, color=[colors.get(a, "#999999") for a in arms])
     for i, v in enumerate(vals):
         ax2.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax2.set_ylim(min(vals) - 0.15, max(vals) + 0.1)
@@ -985,4 +985,125 @@ def plot_moe_diagram(moe: Any, title: str = "") -> Figure:
         _arrow(ax, x, 0.388, 0.42, 0.165)
     ax.text(0.5, 1.0, title or f"DeepSeekMoE (deepseek_edu.moe.MoE): weight shapes (out, in), E={E}", ha="center",
             va="bottom", fontsize=9)
+    return fig
+
+
+def plot_cache_bytes(per_token: Mapping[str, float], formula: Mapping[str, float], xlabel: str, title: str) -> Figure:
+    """Measured KV-cache bytes per token of each attention kind (bars) against the formula (ticks).
+
+    Args:
+        per_token: kind -> measured bytes per token; formula: kind -> formula bytes per token.
+    Raises:
+        ValueError: if the kinds differ.
+    """
+    if list(per_token) != list(formula) or not per_token:
+        raise ValueError(f"plot_cache_bytes: kinds {list(per_token)} vs {list(formula)}")
+    names = list(per_token)
+    fig, ax = new_figure(6.5, 2.8)
+    ax.barh(names, [per_token[k] for k in names], color=[KV_KIND_COLORS.get(k, "#999999") for k in names],
+            label="measured (tensor storage / batch / length)")
+    ax.plot([formula[k] for k in names], names, "k|", ms=18, mew=2, label="formula (V2 Table 1)")
+    for i, k in enumerate(names):
+        ax.text(per_token[k], i, f" {per_token[k]:,.0f} B", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(per_token.values()) * 1.2)
+    ax.set(xlabel=xlabel, title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_kv_calculator(gb: Mapping[str, float], curves: Mapping[str, Sequence[float]], contexts: Sequence[int],
+                       context: int, labels: Mapping[str, str], left_title: str, right_title: str) -> Figure:
+    """The KV-cache calculator: GB per kind at one context (bars), and against context (lines).
+
+    Args:
+        gb: kind -> GB at `context`; curves: kind -> GB at each of `contexts`; labels: kind -> label.
+    Raises:
+        ValueError: if the kinds of gb, curves and labels differ.
+    """
+    if not (set(gb) == set(curves) == set(labels)):
+        raise ValueError("plot_kv_calculator: gb, curves and labels must have the same kinds")
+    kinds = list(gb)
+    fig, (ax1, ax2) = new_figure(10.0, 3.0, ncols=2)
+    ax1.barh([labels[k] for k in kinds], [gb[k] for k in kinds], color=[KV_KIND_COLORS.get(k) for k in kinds])
+    for i, k in enumerate(kinds):
+        ax1.text(gb[k], i, f" {gb[k]:,.2f} GB", va="center", fontsize=8)
+    ax1.invert_yaxis()
+    ax1.set_xlim(0, max(gb.values()) * 1.35)
+    ax1.set(xlabel="KV cache (GB)", title=left_title)
+    for k in kinds:
+        ax2.plot(contexts, curves[k], marker="o", ms=3, color=KV_KIND_COLORS.get(k), label=labels[k])
+    ax2.axvline(context, color="gray", ls="--", lw=1)
+    ax2.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="KV cache (GB)", title=right_title)
+    ax2.set_xticks(list(contexts), [_ctx_label(t) for t in contexts])
+    ax2.minorticks_off()
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_committed_balance(runs: Sequence[Mapping[str, Any]], colors: Mapping[str, str]) -> Figure:
+    """The committed `benchmarks/moe_balance.py` runs: MaxVio against step per arm (mean over seeds,
+    band = min..max), and each arm's validation loss (bar = mean, dots = seeds).
+
+    Args:
+        runs: the JSON's "runs" entries (each with "arm", "val_loss", "max_violation_series"),
+            possibly from several files; colors: arm -> colour.
+    Raises:
+        ValueError: if runs is empty.
+    """
+    if not runs:
+        raise ValueError("plot_committed_balance: no runs")
+    by_arm: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    fig, (ax1, ax2) = new_figure(10.0, 3.2, ncols=2)
+    for i, (arm, rs) in enumerate(by_arm.items()):
+        steps = rs[0]["max_violation_series"]["window_end_step"]
+        series = np.array([r["max_violation_series"]["worst_layer_window_mean"] for r in rs])  # (seeds, points)
+        ax1.plot(steps, series.mean(0), color=colors.get(arm), label=arm)
+        ax1.fill_between(steps, series.min(0), series.max(0), color=colors.get(arm), alpha=0.2)
+        vals = [r["val_loss"] for r in rs]
+        ax2.bar(i, float(np.mean(vals)), color=colors.get(arm, "#999999"), alpha=0.6)
+        ax2.plot([i] * len(vals), vals, "o", color="black", ms=4)
+        ax2.text(i, max(vals) + 0.004, f"{np.mean(vals):.4f}", ha="center", fontsize=8)
+    ax1.set(xlabel="step", ylabel="MaxVio (worst layer)", title="mean over seeds, band = min..max")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    allv = [r["val_loss"] for rs in by_arm.values() for r in rs]
+    ax2.set_xticks(range(len(by_arm)), [a.replace(" γ", "\nγ") for a in by_arm], fontsize=8)
+    ax2.set_ylim(min(allv) - 0.03, max(allv) + 0.02)
+    ax2.set(ylabel="validation loss (nats/token)", title="bar = mean, dots = seeds")
+    fig.tight_layout()
+    return fig
+
+
+MOE_STAGES = {"gate": "#8172b2", "sort+gather": "#ccb974", "experts": "#4c72b0", "combine": "#c44e52",
+              "shared": "#55a868"}
+
+
+def plot_moe_stages(res: Mapping[str, Any], label: str) -> Figure:
+    """`benchmarks/moe_layer.py` result: each stage of the MoE layer timed alone (stacked bars), the
+    dense layer of equal activated size (grey) and the whole MoE layer (text), per layout."""
+    fig, ax = new_figure(8.0, 3.2)
+    ticks = []
+    for i, (name, r) in enumerate(res["layouts"].items()):
+        left = 0.0
+        for stage, color in MOE_STAGES.items():
+            ms = r["breakdown"]["stages_s"][stage]["median"] * 1e3
+            ax.barh(2 * i, ms, left=left, color=color, label=stage if i == 0 else None)
+            left += ms
+        ax.barh(2 * i + 0.8, r["breakdown"]["dense_step_s"] * 1e3, color="#999999", label="dense" if i == 0 else None)
+        ax.text(max(left, r["breakdown"]["moe_step_s"] * 1e3), 2 * i,
+                f" whole layer {r['breakdown']['moe_step_s'] * 1e3:.1f} ms", va="center", fontsize=7)
+        ticks.append((2 * i + 0.4, name.replace(" (fine-grained)", "")))
+    ax.set_yticks([p for p, _ in ticks], [n for _, n in ticks], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="forward + backward (ms)",
+           title=f"{label}, {res['settings']['tokens']:,} tokens: each stage timed alone (bars) vs the whole layer")
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.25)
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    fig.tight_layout()
     return fig

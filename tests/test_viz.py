@@ -345,3 +345,74 @@ def test_plot_decode_speed_and_machine_note() -> None:
     assert _untracked(fig)
     assert "load 7.0 on 2 cores" in fig.axes[0].get_title(), "a CPU panel measured under load says so"
     assert "no H200 results" in " ".join(_texts(fig))
+
+
+def test_chapter03_cache_figures() -> None:
+    fig = viz.plot_cache_bytes({"mha": 100.0, "mla": 20.0}, {"mha": 100.0, "mla": 20.0}, "bytes", "t")
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="plot_cache_bytes"):
+        viz.plot_cache_bytes({"mha": 1.0}, {"mla": 1.0}, "", "")
+    kinds = ("mha", "mla")
+    fig = viz.plot_kv_calculator({k: 1.0 for k in kinds}, {k: [0.5, 1.0] for k in kinds}, [1024, 2048], 2048,
+                                 {k: k.upper() for k in kinds}, "left", "right")
+    assert _untracked(fig) and len(fig.axes[1].lines) == 3  # two kinds and the context marker
+    with pytest.raises(ValueError, match="same kinds"):
+        viz.plot_kv_calculator({"mha": 1.0}, {}, [1], 1, {}, "", "")
+
+
+def test_chapter04_routing_figures() -> None:
+    import torch
+
+    biased = torch.tensor([0.9, 0.1, 0.5, 0.4, -0.2, 0.3, 0.8, 0.0])
+    fig = viz.plot_group_routing(biased, [1.0, 0.9, 0.3, 0.8], kept=[0, 1], chosen=[0, 2], n_groups=4)
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="plot_group_routing"):
+        viz.plot_group_routing(biased, [1.0, 2.0], [0], [0], n_groups=3)
+    assert viz.trailing_mean([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]
+    with pytest.raises(ValueError, match="window"):
+        viz.trailing_mean([1.0], window=0)
+    fig = viz.plot_balance_runs({"a": [3.0, 1.0], "b": [3.0, 3.0]}, {"a": 5.0, "b": 5.1}, {"a": "red"}, collapse=3.0)
+    assert _untracked(fig) and len(fig.axes) == 2
+    with pytest.raises(ValueError, match="arms"):
+        viz.plot_balance_runs({"a": [1.0]}, {"b": 1.0}, {}, 3.0)
+    w = torch.zeros(3, 4).scatter(1, torch.tensor([[0], [1], [1]]), 1.0)
+    fig = viz.plot_routing(w, torch.tensor([[1.0, 2.0, 0.0, 0.0]]), ["a", "b", "c"], "t", topk=1)
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="plot_routing"):
+        viz.plot_routing(w, torch.zeros(1, 5), ["a", "b", "c"], "t", 1)
+    pfig = viz.routing_plotly({("x", 0): w, ("y", 1): w * 0.5}, ["a", "b", "c"])
+    assert len(pfig.data) == 2 and [t.visible for t in pfig.data] == [True, False]
+    assert len(pfig.layout.updatemenus[0].buttons) == 2, "one menu entry per (arm, layer): one state shown at a time"
+    with pytest.raises(ValueError, match="routing_plotly"):
+        viz.routing_plotly({}, [])
+
+
+def test_moe_diagram_reads_the_module_shapes() -> None:
+    import torch
+
+    from deepseek_edu.config import get_preset
+    from deepseek_edu.moe import MoE
+
+    with torch.device("meta"):
+        moe = MoE(get_preset("deepseek-v3"))
+    text = " ".join(_texts(viz.plot_moe_diagram(moe)))
+    for label in ("gate.weight (256, 7168)", "gate.bias (256,)", "shared_experts", "experts[255]", "(2048, 7168)",
+                  "top-8", "8 groups, keep 4", "route_scale=2.5"):
+        assert label in text, label
+    with pytest.raises(ValueError, match="MoE"):
+        viz.plot_moe_diagram(torch.nn.Linear(2, 2))
+
+
+def test_committed_moe_figures() -> None:
+    runs = [{"arm": arm, "val_loss": v, "max_violation_series": {"window_end_step": [10, 20],
+                                                                 "worst_layer_window_mean": [2.0, m]}}
+            for arm, v, m in (("aux-free", 4.0, 0.2), ("aux-free", 4.02, 0.3), ("none", 4.03, 2.0))]
+    fig = viz.plot_committed_balance(runs, {"none": "red"})
+    assert _untracked(fig) and len(fig.axes[1].patches) == 2, "one bar per arm"
+    with pytest.raises(ValueError, match="no runs"):
+        viz.plot_committed_balance([], {})
+    stage = {"median": 1e-3}
+    res = {"settings": {"tokens": 1024}, "layouts": {"8 routed": {"breakdown": {
+        "stages_s": dict.fromkeys(viz.MOE_STAGES, stage), "dense_step_s": 2e-3, "moe_step_s": 6e-3}}}}
+    fig = viz.plot_moe_stages(res, "GPU")
+    assert _untracked(fig) and "whole layer 6.0 ms" in " ".join(_texts(fig))
