@@ -5,13 +5,19 @@ that ends with the figure shows it exactly once as a static PNG -- what GitHub a
 from the committed notebook. Figures are small on purpose (`FIG_DPI`, a few inches wide): a
 notebook must stay under 1 MB with its outputs.
 
-**Static figure first.** An interactive explorer is only alive in a running kernel; a reader on
-GitHub sees its saved output. So every explorer first draws its figure at the default settings as
-an ordinary output, and only then shows the controls (`explorer`). The controls redraw into an
-`ipywidgets.Output` that starts *empty*: running the notebook stores no second copy of the figure
-inside the widget state, and nothing is drawn until the reader moves a control.
+**Alternative text.** `show(fig, alt=...)` displays a figure as a PNG together with an HTML
+`<img alt=...>` of the same PNG, so a screen reader, nbconvert's HTML and a static reader get a
+description of every figure (a bare matplotlib figure has none). Cells that show a figure end with
+`viz.show(fig, alt="what the figure shows")`.
+
+**Static figure first, one figure only.** An interactive explorer is only alive in a running
+kernel; a reader on GitHub sees its saved output. So every explorer first draws its figure at the
+default settings as an ordinary output (with its alternative text), then shows the controls
+(`explorer`). Moving a control *replaces that same output* (an IPython display id), so the page
+never shows a stale static figure beside a live one, and the widget state stores no copy of it.
 
 Helpers:
+    show               display a figure with alternative text (PNG + HTML <img alt>), once
     new_figure         an empty figure (or a grid of axes) at the course's size and DPI
     plot_loss_curves   training / validation loss against steps, with a reference line
     plot_bars          one bar per label (characters per document, ...)
@@ -39,6 +45,58 @@ from matplotlib.ticker import MaxNLocator
 
 FIG_DPI = 80  # dots per inch of every figure: readable on screen, PNGs of tens of kB
 TOKEN_COLORS = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d7f2f7")  # pastel cycle
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """`fig` as a PNG of at most 256 colours: a third of matplotlib's RGBA PNG for the same pixels,
+    so the notebooks stay under 1 MB with every figure stored twice (PNG and HTML <img>)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def figure_bundle(fig: Figure, alt: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """The display bundle of `fig`: (data, metadata) for `IPython.display.display(..., raw=True)`.
+
+    data holds `image/png` (what GitHub and JupyterLab draw), `text/html` (the same PNG in an
+    `<img>` carrying `alt`, which nbconvert's HTML and screen readers use) and `text/plain` (the
+    alternative text). Raises ValueError if `alt` is empty: every figure gets a description.
+    """
+    import base64
+    import html
+
+    if not isinstance(alt, str) or not alt.strip():
+        raise ValueError("figure_bundle: alt must be a non-empty description of the figure")
+    png = base64.b64encode(png_bytes(fig)).decode("ascii")
+    text = " ".join(alt.split())
+    data = {
+        "image/png": png,
+        "text/html": f'<img src="data:image/png;base64,{png}" alt="{html.escape(text, quote=True)}"/>',
+        "text/plain": f"[figure] {text}",
+    }
+    return data, {"image/png": {"alt": text}}
+
+
+def show(fig: Figure, alt: str, display_id: Any = None) -> Any:
+    """Display `fig` once, with alternative text; returns the display handle (or None).
+
+    Use as the last line of a cell instead of ending the cell with the figure:
+    `viz.show(fig, alt="loss against step for ...")`. Pass `display_id=True` to get a handle whose
+    `update` replaces this very output later (how `explorer` redraws).
+    Raises ValueError if `alt` is empty.
+    """
+    from IPython.display import display
+
+    data, metadata = figure_bundle(fig, alt)
+    plt.close(fig)
+    return display(data, raw=True, metadata=metadata, display_id=display_id)
 
 
 def new_figure(width: float = 6.0, height: float = 3.2, nrows: int = 1, ncols: int = 1,
@@ -340,22 +398,25 @@ def plot_paradigm_map() -> Figure:
     return fig
 
 
-def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True) -> Any:
-    """Static figure first, then widgets that redraw it: the course's pattern for explorers.
+def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True,
+             alt: str | Callable[..., str] = "interactive figure") -> Any:
+    """Static figure first, then widgets that redraw *that same figure*: the course's explorers.
 
     1. `draw(**defaults)` is called once with each control's current value and its figure is
-       displayed as an ordinary output (GitHub and nbviewer show it; so does a printout).
-    2. The controls and an *empty* `ipywidgets.Output` are displayed; when any control changes,
-       `draw` is called again and its figure replaces the output's content. Nothing is drawn into
-       the widget until then, so the stored widget state carries no copy of the figure.
+       displayed (with `alt`) as an ordinary output that GitHub, nbviewer and a printout show.
+    2. The controls are returned for display under it. When any control changes, `draw` is called
+       again and its figure *replaces* the output of step 1 (same display id): the page never
+       shows a stale static figure beside a live one, and no widget state stores a figure.
 
     Args:
         draw: keyword arguments named like `controls` -> a matplotlib Figure.
         controls: name -> ipywidgets control (anything with `.value` and `.observe`).
-        show_static: display the figure at the defaults first (step 1).
+        show_static: display the figure at the defaults first (step 1). Without it the figure is
+            drawn into an `ipywidgets.Output` under the controls at the first change.
+        alt: alternative text of the figure, or a function of the controls' values returning it.
     Returns:
-        The `ipywidgets.VBox` holding the controls and the output: end the cell with the call
-        so that Jupyter displays it under the static figure.
+        An `ipywidgets.VBox` holding the controls (and the Output when show_static is False): end
+        the cell with the call so that Jupyter displays it under the figure.
     """
     import ipywidgets as widgets
     from IPython.display import display
@@ -363,19 +424,36 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
     def current() -> dict[str, Any]:
         return {name: c.value for name, c in controls.items()}
 
+    def bundle() -> tuple[dict[str, str], dict[str, Any]]:
+        values = current()
+        fig = draw(**values)
+        plt.close(fig)
+        return figure_bundle(fig, alt(**values) if callable(alt) else alt)
+
+    row = widgets.HBox(list(controls.values()))
     if show_static:
-        display(draw(**current()))
-    out = widgets.Output()
+        data, metadata = bundle()
+        handle = display(data, raw=True, metadata=metadata, display_id=True)
 
-    def redraw(_change: Any = None) -> None:
-        fig = draw(**current())
-        with out:
-            out.clear_output(wait=True)
-            display(fig)
+        def redraw(_change: Any = None) -> None:
+            new_data, new_metadata = bundle()
+            if handle is not None:
+                handle.update(new_data, raw=True, metadata=new_metadata)
 
+        box = widgets.VBox([row])
+    else:
+        out = widgets.Output()
+
+        def redraw(_change: Any = None) -> None:
+            new_data, new_metadata = bundle()
+            with out:
+                out.clear_output(wait=True)
+                display(new_data, raw=True, metadata=new_metadata)
+
+        box = widgets.VBox([row, out])
     for control in controls.values():
         control.observe(redraw, names="value")
-    return widgets.VBox([widgets.HBox(list(controls.values())), out])
+    return box
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -513,6 +591,449 @@ def plot_pipeline_timeline(events: Sequence[tuple[int, float, float, str, int]],
     ax.legend(handles=[mpatches.Patch(color=PIPELINE_COLORS[k], label=names[k]) for k in kinds],
               loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(kinds), fontsize=7, frameon=False)
     ax.set_title(title)
+# ---------------------------------------------------------------------------------------------
+# Chapter 01 · data and tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def plot_compression(sizes: Sequence[int], chars_per_token: Sequence[float],
+                     course: tuple[int, float] | None = None) -> Figure:
+    """Characters per token against vocabulary size (log2 axis), one point per trained tokenizer.
+
+    Args:
+        sizes: vocabulary sizes; chars_per_token: the same length, measured on one text.
+        course: optional (vocab_size, chars_per_token) of the course tokenizer, drawn as a star.
+    Raises:
+        ValueError: if the two sequences differ in length or are empty.
+    """
+    if len(sizes) != len(chars_per_token) or not sizes:
+        raise ValueError(f"plot_compression: {len(sizes)} sizes but {len(chars_per_token)} values")
+    fig, ax = new_figure(5.0, 3.0)
+    ax.semilogx(list(sizes), list(chars_per_token), "o-", base=2, label="trained on a 1M-character slice")
+    if course is not None:
+        ax.plot([course[0]], [course[1]], "*", ms=11, color="#dd8452", label="course tokenizer (all plays)")
+        ax.legend(fontsize=8, frameon=False)
+    ax.set(xlabel="vocabulary size", ylabel="characters / token (validation)",
+           title="compression grows with the vocabulary")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_token_lengths(token_bytes: Any, counts: Any, first: int = 0, clip: int = 12) -> Figure:
+    """Two histograms of token length in bytes: over the vocabulary, and weighted by use in a text.
+
+    Args:
+        token_bytes: (V,) bytes of each token id; counts: (V,) occurrences of each id in the text.
+        first: ids below it (special tokens) are left out; clip: the last bin holds `clip` or more.
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    token_bytes, counts = _to_numpy(token_bytes), _to_numpy(counts)
+    if token_bytes.shape != counts.shape:
+        raise ValueError(f"plot_token_lengths: token_bytes {token_bytes.shape} vs counts {counts.shape}")
+    clipped = np.minimum(token_bytes[first:], clip)
+    bins = np.arange(1, clip + 2) - 0.5
+    fig, (ax1, ax2) = new_figure(8.0, 2.8, ncols=2)
+    label = f"token length (bytes; {clip} = {clip} or more)"
+    plot_histogram(clipped, bins=bins, xlabel=label, ylabel="vocabulary entries", title="over the vocabulary", ax=ax1)
+    plot_histogram(clipped, bins=bins, weights=counts[first:] / max(counts.sum(), 1), xlabel=label,
+                   ylabel="share of training tokens", title="over the training text", ax=ax2)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 02 · baseline Transformer
+# ---------------------------------------------------------------------------------------------
+
+def plot_rope(inv_freq: Any, cos: Any, max_seq_len: int, n_positions: int = 128) -> Figure:
+    """RoPE at a glance: wavelength 2π/θ_i of each pair (left), cos(m·θ_i) over positions (right).
+
+    Args:
+        inv_freq: (R/2,) radians per token of each pair; cos: (n >= n_positions, R/2) cos(m·θ_i).
+        max_seq_len: drawn as a dashed line (longer wavelengths never complete a turn in context).
+    Raises:
+        ValueError: if cos's second dimension differs from inv_freq's length.
+    """
+    inv_freq, cos = _to_numpy(inv_freq), _to_numpy(cos)
+    if cos.ndim != 2 or cos.shape[1] != inv_freq.shape[0]:
+        raise ValueError(f"plot_rope: cos {cos.shape} does not match inv_freq {inv_freq.shape}")
+    fig, (ax1, ax2) = new_figure(9.0, 3.0, ncols=2)
+    ax1.semilogy(2 * np.pi / inv_freq, "o-", ms=3)
+    ax1.axhline(max_seq_len, ls="--", c="gray", lw=1, label=f"max_seq_len = {max_seq_len}")
+    ax1.set(xlabel="pair i", ylabel="wavelength (tokens)", title=r"RoPE wavelengths $2\pi/\theta_i$")
+    ax1.legend(fontsize=8, frameon=False)
+    ax1.grid(alpha=0.3)
+    plot_heatmap(cos[:n_positions].T, title=r"$\cos(m\,\theta_i)$", xlabel="position m", ylabel="pair i",
+                 cmap="RdBu", ax=ax2)
+    return fig
+
+
+def plot_causal_masks(masks: Sequence[Any], titles: Sequence[str], first_positions: Sequence[int]) -> Figure:
+    """Boolean causal masks side by side (blue: the query may attend to that key).
+
+    Args:
+        masks: (S, T) boolean tensors; titles: one per mask; first_positions: position of each
+            mask's first query row (0 for a prefill, T - S after T - S cached positions).
+    Raises:
+        ValueError: if the three sequences differ in length.
+    """
+    if not (len(masks) == len(titles) == len(first_positions)) or not masks:
+        raise ValueError("plot_causal_masks: masks, titles and first_positions must have the same length")
+    fig, axes = new_figure(3.5 * len(masks), 3.0, ncols=len(masks))
+    for ax, mask, title, start in zip(np.atleast_1d(axes), masks, titles, first_positions, strict=True):
+        m = _to_numpy(mask)
+        plot_heatmap(m, y_labels=[str(start + i) for i in range(m.shape[0])], title=title,
+                     xlabel="key position t", ylabel="query position", cmap="Blues", vmin=0, vmax=1.4,
+                     colorbar=False, ax=ax)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Interactive (plotly) figures: always shown *beside* a static matplotlib figure
+# ---------------------------------------------------------------------------------------------
+
+def show_plotly(fig: Any, alt: str) -> Any:
+    """Display a plotly figure as plotly's own MIME type, with `alt` as its text fallback.
+
+    The output holds the figure's JSON only (`application/vnd.plotly.v1+json`, a few kB; no
+    plotly.js, nothing fetched from the internet): JupyterLab and VS Code draw it live; GitHub and
+    nbconvert, which do not run plotly, show the text. So put a static figure next to it.
+    Raises ValueError if `alt` is empty.
+    """
+    import plotly.io as pio
+    from IPython.display import display
+
+    if not isinstance(alt, str) or not alt.strip():
+        raise ValueError("show_plotly: alt must be a non-empty description of the figure")
+    bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+    bundle["text/plain"] = "[interactive plotly figure; the static figure above shows the same data] " + alt
+    return display(bundle, raw=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 03 · Multi-head Latent Attention
+# ---------------------------------------------------------------------------------------------
+
+KV_KIND_COLORS = {"mha": "#4c72b0", "gqa": "#55a868", "mqa": "#c44e52", "mla": "#8172b2"}
+
+
+def _box(ax: Any, x: float, y: float, text: str, w: float = 0.2, h: float = 0.085, fc: str = "#dfe7fd") -> None:
+    ax.add_patch(mpatches.FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.005,rounding_size=0.01",
+                                         fc=fc, ec="#555555", lw=0.8, zorder=2))
+    ax.text(x, y, text, ha="center", va="center", fontsize=7, zorder=3, linespacing=1.15)
+
+
+def _arrow(ax: Any, x0: float, y0: float, x1: float, y1: float, label: str = "") -> None:
+    ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                arrowprops={"arrowstyle": "->", "color": "#444444", "lw": 0.9, "shrinkA": 0, "shrinkB": 0}, zorder=1)
+    if label:
+        ax.text((x0 + x1) / 2 + 0.005, (y0 + y1) / 2, label, fontsize=6, color="#333333", ha="left", va="center")
+
+
+def _shape(module: Any, name: str) -> str:
+    return "(" + ", ".join(str(s) for s in getattr(module, name).weight.shape) + ")"
+
+
+def plot_mla_diagram(mla: Any, title: str = "") -> Figure:
+    """DeepSeek's MLA drawn from a module: its submodule names and the weight shapes it holds.
+
+    Args:
+        mla: a `deepseek_edu.mla.MLA` (build it on the meta device for real sizes:
+            `with torch.device("meta"): MLA(get_preset("deepseek-v3"))`).
+    Boxes are the module's own linears (`wq_a`, `q_norm`, `wq_b` or `wq`, `wkv_a`, `kv_norm`,
+    `wkv_b`, `wo`) with their weight shapes (out, in); the cached tensors are shaded.
+    Raises:
+        ValueError: if `mla` lacks `wkv_a` / `wkv_b` (not an MLA module).
+    """
+    if not (hasattr(mla, "wkv_a") and hasattr(mla, "wkv_b")):
+        raise ValueError("plot_mla_diagram needs an MLA module (with wkv_a and wkv_b)")
+    H, C, R = mla.n_heads, mla.kv_lora_rank, mla.qk_rope_head_dim
+    N, Dv = mla.qk_nope_head_dim, mla.v_head_dim
+    D = mla.wkv_a.weight.shape[1]
+    fig, ax = new_figure(9.5, 5.2)
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    _box(ax, 0.5, 0.95, f"x: hidden state (B, S, D={D})", w=0.34, fc="#eeeeee")
+    # query side (left)
+    if getattr(mla, "q_lora_rank", 0):
+        _box(ax, 0.2, 0.82, f"wq_a {_shape(mla, 'wq_a')}\nW_DQ: compress query")
+        _box(ax, 0.2, 0.70, f"q_norm (RMSNorm, {mla.q_lora_rank})")
+        _box(ax, 0.2, 0.58, f"wq_b {_shape(mla, 'wq_b')}\nW_UQ and W_QR, all heads")
+        _arrow(ax, 0.42, 0.93, 0.25, 0.865)
+        _arrow(ax, 0.2, 0.777, 0.2, 0.743)
+        _arrow(ax, 0.2, 0.657, 0.2, 0.623)
+    else:
+        _box(ax, 0.2, 0.70, f"wq {_shape(mla, 'wq')}\nall heads' queries")
+        _arrow(ax, 0.42, 0.93, 0.25, 0.743)
+    _box(ax, 0.1, 0.44, f"q_nope (H={H}, N={N})", w=0.17)
+    _box(ax, 0.29, 0.44, f"q_pe (H, R={R})\nRoPE per head", w=0.17)
+    _arrow(ax, 0.17, 0.537, 0.11, 0.483, "split")
+    _arrow(ax, 0.23, 0.537, 0.28, 0.483)
+    # key/value side (right)
+    _box(ax, 0.72, 0.82, f"wkv_a {_shape(mla, 'wkv_a')}\nW_DKV (C={C}) stacked on W_KR (R={R})", w=0.3)
+    _arrow(ax, 0.58, 0.93, 0.68, 0.865)
+    _box(ax, 0.62, 0.67, f"kv_norm (RMSNorm, C={C})", w=0.2)
+    _box(ax, 0.87, 0.67, f"k_pe (R={R})\nRoPE, ONE key for all heads", w=0.22)
+    _arrow(ax, 0.68, 0.777, 0.63, 0.713, "C")
+    _arrow(ax, 0.77, 0.777, 0.86, 0.713, "R")
+    _box(ax, 0.75, 0.53, f"KV cache per token: c_kv (C) + k_pe (R) = {C + R} numbers", w=0.42, fc="#fff1c1")
+    _arrow(ax, 0.62, 0.627, 0.66, 0.573)
+    _arrow(ax, 0.87, 0.627, 0.84, 0.573)
+    _box(ax, 0.75, 0.38, f"wkv_b {_shape(mla, 'wkv_b')}\nW_UK (H, N={N}, C) and W_UV (H, Dv={Dv}, C)", w=0.36)
+    _arrow(ax, 0.75, 0.487, 0.75, 0.423)
+    # attention and output
+    _box(ax, 0.42, 0.24, "attention, scale 1/sqrt(N+R)\nnaive: k = [W_UK c; k_pe], v = W_UV c\n"
+                         "absorbed: q_nope W_UK vs c_kv, W_UV after the sum", w=0.46, h=0.11, fc="#e2ece9")
+    _arrow(ax, 0.1, 0.397, 0.3, 0.297)
+    _arrow(ax, 0.29, 0.397, 0.36, 0.297)
+    _arrow(ax, 0.7, 0.337, 0.55, 0.297)
+    _box(ax, 0.42, 0.08, f"wo {_shape(mla, 'wo')} -> out (B, S, D)", w=0.32, fc="#eeeeee")
+    _arrow(ax, 0.42, 0.185, 0.42, 0.123, f"(B, S, H*Dv={H * Dv})")
+    ax.text(0.5, 1.0, title or f"MLA (deepseek_edu.mla.MLA): weight shapes (out, in), H={H}", ha="center",
+            va="bottom", fontsize=9)
+    return fig
+
+
+def kv_cache_curves(configs: Mapping[str, Any], contexts: Sequence[int], bytes_per_element: float = 2.0,
+                    gqa_groups: Mapping[str, int] | None = None) -> dict[str, dict[str, list[float]]]:
+    """KV-cache bytes (all layers, one sequence) against context for every attention kind.
+
+    Args:
+        configs: label -> ModelConfig; contexts: context lengths in tokens.
+        gqa_groups: label -> GQA groups n_g (default 8, or the largest divisor of n_heads <= n_heads/2).
+    Returns:
+        label -> kind ("mha", "gqa", "mqa", "mla") -> bytes at each context (from
+        `analysis.kv_cache_bytes_per_token`).
+    """
+    from .analysis import kv_cache_bytes_per_token
+
+    curves: dict[str, dict[str, list[float]]] = {}
+    for label, c in configs.items():
+        groups = (gqa_groups or {}).get(label) or max(
+            g for g in range(1, min(8, max(c.n_heads // 2, 1)) + 1) if c.n_heads % g == 0)
+        per_token = {kind: kv_cache_bytes_per_token(c, kind, bytes_per_element,
+                                                    n_kv_heads=groups if kind == "gqa" else None)
+                     for kind in KV_KIND_COLORS}
+        curves[label] = {kind: [b * t for t in contexts] for kind, b in per_token.items()}
+    return curves
+
+
+def plot_kv_cache_vs_context(curves: Mapping[str, Mapping[str, Sequence[float]]], contexts: Sequence[int]) -> Figure:
+    """One log-log panel per model of `kv_cache_curves`: cache bytes against context, a line per kind."""
+    if not curves:
+        raise ValueError("plot_kv_cache_vs_context: no curves")
+    fig, axes = new_figure(4.6 * len(curves), 3.1, ncols=len(curves))
+    for ax, (label, kinds) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+        for kind, values in kinds.items():
+            ax.plot(contexts, values, marker="o", ms=3, color=KV_KIND_COLORS.get(kind), label=kind.upper())
+        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="KV cache (bytes)",
+               title=label)
+        ax.set_xticks(list(contexts), [f"{t // 1024}K" if t >= 1024 else str(t) for t in contexts])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def kv_cache_plotly(curves: Mapping[str, Mapping[str, Sequence[float]]], contexts: Sequence[int]) -> Any:
+    """The same data as `plot_kv_cache_vs_context` as one plotly figure: hover for exact GB, click
+    the legend to hide a kind or a model (solid and dashed lines are the two models)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (label, kinds), dash in zip(curves.items(), ["solid", "dash", "dot", "dashdot"]):
+        for kind, values in kinds.items():
+            fig.add_trace(go.Scatter(
+                x=list(contexts), y=[v / 1e9 for v in values], mode="lines+markers", name=f"{kind.upper()} · {label}",
+                line={"color": KV_KIND_COLORS.get(kind), "dash": dash}, legendgroup=label,
+                hovertemplate="%{x:,} tokens: %{y:.4g} GB<extra>" + f"{kind.upper()}, {label}" + "</extra>"))
+    fig.update_layout(template="plotly_white", width=720, height=380, margin={"l": 60, "r": 10, "t": 40, "b": 50},
+                      title="KV cache (GB, one sequence, all layers) against context",
+                      xaxis={"type": "log", "title": "context length (tokens)"},
+                      yaxis={"type": "log", "title": "KV cache (GB)"})
+    return fig
+
+
+DECODE_KIND_STYLE = {"mha": ("#4c72b0", "o", "MHA (caches K, V)"), "gqa": ("#55a868", "s", "GQA (caches K, V)"),
+                     "mla-naive": ("#dd8452", "v", "MLA recompute (K, V from latent every step)"),
+                     "mla-absorbed": ("#8172b2", "^", "MLA absorbed")}
+
+
+def _ctx_label(c: int) -> str:
+    return f"{c // 1024}K" if c >= 1024 else str(c)
+
+
+def decode_tokens_per_s(res: Mapping[str, Any], kind: str, batch: int) -> tuple[list[int], list[float]]:
+    """(contexts, tokens/s) of one kind and batch from a `benchmarks/mla_decode.py` result."""
+    pts = sorted((r["ctx"], r["tokens_per_s"]) for r in res["results"] if r["kind"] == kind and r["batch"] == batch)
+    return [c for c, _ in pts], [t for _, t in pts]
+
+
+def machine_note(res: Mapping[str, Any]) -> str:
+    """'load 7.0 on 2 cores' when the benchmark's machine was busier than its cores at the start, else ''."""
+    m = res.get("machine", {})
+    load, cores = m.get("load_average_1_5_15_min"), m.get("cpu_count")
+    if load and cores and load[0] > cores:
+        return f"load {load[0]:.1f} on {cores} cores"
+    return ""
+
+
+def plot_decode_speed(bench: Mapping[str, Mapping[str, Any]], labels: Sequence[str] = ("CPU", "H200"),
+                      batch: int = 32) -> Figure:
+    """Committed MLA decoding benchmark: tokens/s against context per machine, and absorbed/recompute.
+
+    Args:
+        bench: machine label -> parsed `mla_decode_*.json`; labels: the panels, in order (a missing
+            machine draws an empty panel saying so); batch: the batch of the two tokens/s panels.
+    """
+    fig, axes = new_figure(11.0, 3.3, ncols=3)
+    for ax, label in zip(axes[:2], labels):
+        if label not in bench:
+            ax.text(0.5, 0.5, f"no {label} results", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        res = bench[label]
+        for kind, (color, marker, name) in DECODE_KIND_STYLE.items():
+            ctx, tps = decode_tokens_per_s(res, kind, batch)
+            if ctx:
+                ax.plot(ctx, tps, marker=marker, color=color, ms=4, label=name)
+        note = machine_note(res)
+        ax.set(xscale="log", yscale="log", xlabel="context length (cached tokens)", ylabel="tokens/s (one layer)",
+               title=f"{label}, {res['dtype']}, batch {batch}" + (f"\n(noisy: {note})" if note else ""))
+        ax.set_xticks(res["contexts"], [_ctx_label(c) for c in res["contexts"]])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    ax = axes[2]
+    top = 1.0
+    for label, res in bench.items():
+        for b, ls in zip(res["batches"], ["--", "-"]):
+            pts = sorted((r["ctx"], r["absorbed_over_naive"]) for r in res["absorbed_over_naive"] if r["batch"] == b)
+            top = max([top] + [v for _, v in pts])
+            ax.plot([c for c, _ in pts], [v for _, v in pts], ls, marker="o", ms=3,
+                    color="#333333" if label == "CPU" else "#76b900", label=f"{label}, batch {b}")
+    ax.axhline(1.0, color="gray", lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="context length (cached tokens)", ylabel="absorbed / recompute tokens/s",
+           title="MLA: absorbed over recompute")
+    ax.set_ylim(bottom=min(ax.get_ylim()[0], 0.5), top=top * 8)  # room for the legend above the lines
+    contexts = sorted({c for res in bench.values() for c in res["contexts"]})
+    if contexts:
+        ax.set_xticks(contexts, [_ctx_label(c) for c in contexts])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 04 · DeepSeekMoE
+# ---------------------------------------------------------------------------------------------
+
+GROUP_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c", "#e17c05")
+
+
+def plot_group_routing(biased: Any, group_scores: Sequence[float], kept: Sequence[int], chosen: Sequence[int],
+                       n_groups: int, title: str = "") -> Figure:
+    """One token's group-limited routing: each expert's biased score, groups shaded, dropped groups
+    hatched (their experts are -inf), chosen experts starred.
+
+    Args:
+        biased: (E,) biased scores s + b; group_scores: (n_groups,); kept: kept group ids;
+        chosen: chosen expert ids; n_groups: must divide E.
+    Raises:
+        ValueError: if n_groups does not divide E or group_scores has the wrong length.
+    """
+    biased = _to_numpy(biased)
+    n = biased.size
+    if n_groups <= 0 or n % n_groups or len(group_scores) != n_groups:
+        raise ValueError(f"plot_group_routing: {n} experts, {n_groups} groups, {len(group_scores)} group scores")
+    size = n // n_groups
+    fig, ax = new_figure(8.0, 3.3)
+    lo, hi = min(0.0, biased.min()) - 0.15, biased.max() + 0.45
+    for g in range(n_groups):
+        x0, x1 = g * size - 0.5, (g + 1) * size - 0.5
+        if g in kept:
+            ax.axvspan(x0, x1, color=GROUP_COLORS[g % len(GROUP_COLORS)], alpha=0.08, lw=0)
+        else:  # hatched: these experts are -inf for this token
+            ax.axvspan(x0, x1, facecolor="none", hatch="///", edgecolor="#cccccc", lw=0)
+        label = f"group {g}\nscore {group_scores[g]:.2f}\n" + ("kept" if g in kept else "dropped: -inf")
+        ax.text((x0 + x1) / 2, hi - 0.05, label, ha="center", va="top", fontsize=7)
+    for e in range(n):
+        g = e // size
+        ax.bar(e, biased[e], color=GROUP_COLORS[g % len(GROUP_COLORS)], alpha=1.0 if g in kept else 0.3)
+    ax.plot(list(chosen), [biased[e] for e in chosen], "*", ms=12, color="gold", mec="black",
+            label="chosen (top-K of the kept groups)")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set(xlabel="expert", ylabel="biased score s + b", title=title, ylim=(lo, hi + 0.1))
+    ax.set_xticks(range(n))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def trailing_mean(values: Sequence[float], window: int = 10) -> list[float]:
+    """Trailing mean over `window` values (the first ones over what there is). Raises ValueError if window < 1."""
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_balance_runs(max_violation: Mapping[str, Sequence[float]], val_loss: Mapping[str, float],
+                      colors: Mapping[str, str], collapse: float, window: int = 10) -> Figure:
+    """MaxVio against step for each arm (trailing mean), and each arm's validation loss.
+
+    Args:
+        max_violation: arm -> MaxVio per step (worst layer); val_loss: arm -> nats/token;
+        colors: arm -> colour; collapse: the MaxVio of total collapse, E/K - 1 (dashed line).
+    Raises:
+        ValueError: if the arms of max_violation and val_loss differ.
+    """
+    if set(max_violation) != set(val_loss):
+        raise ValueError(f"plot_balance_runs: arms {sorted(max_violation)} vs {sorted(val_loss)}")
+    fig, (ax1, ax2) = new_figure(10.0, 3.2, ncols=2)
+    for arm, vio in max_violation.items():
+        ax1.plot(range(1, len(vio) + 1), trailing_mean(list(vio), window), color=colors.get(arm), label=arm)
+    ax1.axhline(collapse, color="gray", ls="--", lw=1)
+    ax1.text(2, collapse - 0.25, "total collapse (E/K - 1)", fontsize=7, color="gray")
+    ax1.set(xlabel="step", ylabel=f"MaxVio (worst layer, {window}-step mean)", title="load balance while training")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    arms = list(max_violation)
+    vals = [val_loss[a] for a in arms]
+    ax2.bar(arms, vals, color=[colors.get(a, "#999999") for a in arms])
+    for i, v in enumerate(vals):
+        ax2.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_ylim(min(vals) - 0.15, max(vals) + 0.1)
+    ax2.set(ylabel="validation loss (nats/token)", title=f"after {len(next(iter(max_violation.values())))} steps (one seed)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_routing(weights: Any, loads: Any, tokens: Sequence[str], title: str, topk: int) -> Figure:
+    """Routing of one sequence: combine weight per (token, expert) in one layer (left), and the tokens
+    each expert received in each MoE layer (right).
+
+    Args:
+        weights: (T, E) combine weights, 0 where not chosen; loads: (L, E) tokens per expert and layer;
+        tokens: T token strings; title: the left panel's title; topk: K, for the right title.
+    Raises:
+        ValueError: if the expert counts differ or len(tokens) != T.
+    """
+    w, ld = _to_numpy(weights), _to_numpy(loads)
+    if w.shape[1] != ld.shape[1] or w.shape[0] != len(tokens):
+        raise ValueError(f"plot_routing: weights {w.shape}, loads {ld.shape}, {len(tokens)} tokens")
+    experts = [str(e) for e in range(w.shape[1])]
+    fig, (ax1, ax2) = new_figure(10.0, 4.2, ncols=2)
+    plot_heatmap(w, x_labels=experts, y_labels=list(tokens), cmap="Greens", vmin=0, title=title, xlabel="expert", ax=ax1)
+    plot_heatmap(ld, x_labels=experts, cmap="Blues", vmin=0, title=f"tokens per expert ({len(tokens)} tokens x top-{topk})",
+                 xlabel="expert", ylabel="MoE layer", ax=ax2)
     fig.tight_layout()
     return fig
 
@@ -643,5 +1164,201 @@ def plot_gpu_loads(loads: Mapping[str, Sequence[float]], title: str = "", ax: An
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.set_title(title)
+def routing_plotly(weights: Mapping[tuple[str, int], Any], tokens: Sequence[str]) -> Any:
+    """Routing decisions over experts and layers as one plotly heatmap with a menu of (arm, layer):
+    hover for the token, the expert and its combine weight.
+
+    Args:
+        weights: (arm, layer) -> (T, E) combine weights (0 = not chosen); tokens: the T token strings.
+    Raises:
+        ValueError: if weights is empty.
+    """
+    import plotly.graph_objects as go
+
+    if not weights:
+        raise ValueError("routing_plotly: no routing to draw")
+    keys = list(weights)
+    labels = [f"{i}: {t!r}" for i, t in enumerate(tokens)]  # unique row labels
+    fig = go.Figure()
+    for n, (arm, layer) in enumerate(keys):
+        w = np.round(_to_numpy(weights[(arm, layer)]), 3)
+        fig.add_trace(go.Heatmap(z=w.tolist(), x=[f"expert {e}" for e in range(w.shape[1])], y=labels,
+                                 colorscale="Greens", zmin=0, visible=n == 0, name=f"{arm}, layer {layer}",
+                                 hovertemplate="%{y} -> %{x}: weight %{z}<extra></extra>"))
+    buttons = [{"label": f"{arm}, MoE layer {layer}", "method": "update",
+                "args": [{"visible": [k == j for k in range(len(keys))]},
+                         {"title": f"combine weight per token and expert: {arm}, MoE layer {layer}"}]}
+               for j, (arm, layer) in enumerate(keys)]
+    fig.update_layout(template="plotly_white", width=720, height=120 + 16 * len(tokens),
+                      margin={"l": 140, "r": 10, "t": 70, "b": 40},
+                      title=f"combine weight per token and expert: {keys[0][0]}, MoE layer {keys[0][1]}",
+                      updatemenus=[{"buttons": buttons, "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "top"}],
+                      yaxis={"autorange": "reversed"})
+    return fig
+
+
+def plot_moe_diagram(moe: Any, title: str = "") -> Figure:
+    """DeepSeekMoE drawn from a `deepseek_edu.moe.MoE`: its submodule names and weight shapes.
+
+    Build it on the meta device for real sizes (`with torch.device("meta"): MoE(get_preset("deepseek-v3"))`).
+    Raises ValueError if `moe` has no `gate` / `experts` (not an MoE module).
+    """
+    if not (hasattr(moe, "gate") and hasattr(moe, "experts")):
+        raise ValueError("plot_moe_diagram needs an MoE module (with gate and experts)")
+    gate, E = moe.gate, len(moe.experts)
+    D = gate.weight.shape[1]
+    e0 = moe.experts[0]
+    fig, ax = new_figure(9.5, 4.8)
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    _box(ax, 0.5, 0.94, f"u: hidden state of N tokens (N, D={D})", w=0.36, fc="#eeeeee")
+    groups = f"{gate.n_groups} groups, keep {gate.topk_groups}" if gate.n_groups > 1 else "no groups"
+    _box(ax, 0.3, 0.76, f"gate.weight ({E}, {D}), "
+                        f"gate.bias ({E},) fp32\n{gate.score_func} scores s; top-{gate.topk} of s + bias "
+                        f"({groups});\nweights from s, normalised, x route_scale={gate.route_scale}",
+         w=0.5, h=0.12, fc="#fff1c1")
+    _arrow(ax, 0.45, 0.915, 0.33, 0.822)
+    if getattr(moe, "shared_experts", None) is not None:
+        sh = moe.shared_experts
+        _box(ax, 0.82, 0.6, f"shared_experts (always on)\nw1, w3 {_shape(sh, 'w1')}\nw2 {_shape(sh, 'w2')}",
+             w=0.28, h=0.12, fc="#e2ece9")
+        _arrow(ax, 0.58, 0.915, 0.8, 0.662)
+        _arrow(ax, 0.82, 0.538, 0.56, 0.17)
+    xs = [0.08, 0.23, 0.345, 0.46, 0.61]
+    names = ["experts[0]", "experts[1]", "...", f"experts[{E - 2}]", f"experts[{E - 1}]"]
+    for x, name in zip(xs, names, strict=True):
+        if name == "...":
+            ax.text(x, 0.45, f"...\n{E}\nrouted", ha="center", va="center", fontsize=7)
+            continue
+        _box(ax, x, 0.45, f"{name}\nw1, w3 {_shape(e0, 'w1')}\nw2 {_shape(e0, 'w2')}", w=0.14, h=0.12)
+    for x in (xs[1], xs[3]):
+        _arrow(ax, 0.3, 0.698, x, 0.512)
+    ax.text(0.32, 0.6, f"each token -> its K={gate.topk} chosen experts", fontsize=6.5, ha="left")
+    _box(ax, 0.45, 0.12, "y = u + shared(u) + sum_k g_k * expert_k(u)   (N, D)", w=0.5, fc="#eeeeee")
+    for x in (xs[1], xs[3]):
+        _arrow(ax, x, 0.388, 0.42, 0.165)
+    ax.text(0.5, 1.0, title or f"DeepSeekMoE (deepseek_edu.moe.MoE): weight shapes (out, in), E={E}", ha="center",
+            va="bottom", fontsize=9)
+    return fig
+
+
+def plot_cache_bytes(per_token: Mapping[str, float], formula: Mapping[str, float], xlabel: str, title: str) -> Figure:
+    """Measured KV-cache bytes per token of each attention kind (bars) against the formula (ticks).
+
+    Args:
+        per_token: kind -> measured bytes per token; formula: kind -> formula bytes per token.
+    Raises:
+        ValueError: if the kinds differ.
+    """
+    if list(per_token) != list(formula) or not per_token:
+        raise ValueError(f"plot_cache_bytes: kinds {list(per_token)} vs {list(formula)}")
+    names = list(per_token)
+    fig, ax = new_figure(6.5, 2.8)
+    ax.barh(names, [per_token[k] for k in names], color=[KV_KIND_COLORS.get(k, "#999999") for k in names],
+            label="measured (tensor storage / batch / length)")
+    ax.plot([formula[k] for k in names], names, "k|", ms=18, mew=2, label="formula (V2 Table 1)")
+    for i, k in enumerate(names):
+        ax.text(per_token[k], i, f" {per_token[k]:,.0f} B", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(per_token.values()) * 1.2)
+    ax.set(xlabel=xlabel, title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_kv_calculator(gb: Mapping[str, float], curves: Mapping[str, Sequence[float]], contexts: Sequence[int],
+                       context: int, labels: Mapping[str, str], left_title: str, right_title: str) -> Figure:
+    """The KV-cache calculator: GB per kind at one context (bars), and against context (lines).
+
+    Args:
+        gb: kind -> GB at `context`; curves: kind -> GB at each of `contexts`; labels: kind -> label.
+    Raises:
+        ValueError: if the kinds of gb, curves and labels differ.
+    """
+    if not (set(gb) == set(curves) == set(labels)):
+        raise ValueError("plot_kv_calculator: gb, curves and labels must have the same kinds")
+    kinds = list(gb)
+    fig, (ax1, ax2) = new_figure(10.0, 3.0, ncols=2)
+    ax1.barh([labels[k] for k in kinds], [gb[k] for k in kinds], color=[KV_KIND_COLORS.get(k) for k in kinds])
+    for i, k in enumerate(kinds):
+        ax1.text(gb[k], i, f" {gb[k]:,.2f} GB", va="center", fontsize=8)
+    ax1.invert_yaxis()
+    ax1.set_xlim(0, max(gb.values()) * 1.35)
+    ax1.set(xlabel="KV cache (GB)", title=left_title)
+    for k in kinds:
+        ax2.plot(contexts, curves[k], marker="o", ms=3, color=KV_KIND_COLORS.get(k), label=labels[k])
+    ax2.axvline(context, color="gray", ls="--", lw=1)
+    ax2.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="KV cache (GB)", title=right_title)
+    ax2.set_xticks(list(contexts), [_ctx_label(t) for t in contexts])
+    ax2.minorticks_off()
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_committed_balance(runs: Sequence[Mapping[str, Any]], colors: Mapping[str, str]) -> Figure:
+    """The committed `benchmarks/moe_balance.py` runs: MaxVio against step per arm (mean over seeds,
+    band = min..max), and each arm's validation loss (bar = mean, dots = seeds).
+
+    Args:
+        runs: the JSON's "runs" entries (each with "arm", "val_loss", "max_violation_series"),
+            possibly from several files; colors: arm -> colour.
+    Raises:
+        ValueError: if runs is empty.
+    """
+    if not runs:
+        raise ValueError("plot_committed_balance: no runs")
+    by_arm: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    fig, (ax1, ax2) = new_figure(10.0, 3.2, ncols=2)
+    for i, (arm, rs) in enumerate(by_arm.items()):
+        steps = rs[0]["max_violation_series"]["window_end_step"]
+        series = np.array([r["max_violation_series"]["worst_layer_window_mean"] for r in rs])  # (seeds, points)
+        ax1.plot(steps, series.mean(0), color=colors.get(arm), label=arm)
+        ax1.fill_between(steps, series.min(0), series.max(0), color=colors.get(arm), alpha=0.2)
+        vals = [r["val_loss"] for r in rs]
+        ax2.bar(i, float(np.mean(vals)), color=colors.get(arm, "#999999"), alpha=0.6)
+        ax2.plot([i] * len(vals), vals, "o", color="black", ms=4)
+        ax2.text(i, max(vals) + 0.004, f"{np.mean(vals):.4f}", ha="center", fontsize=8)
+    ax1.set(xlabel="step", ylabel="MaxVio (worst layer)", title="mean over seeds, band = min..max")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    allv = [r["val_loss"] for rs in by_arm.values() for r in rs]
+    ax2.set_xticks(range(len(by_arm)), [a.replace(" γ", "\nγ") for a in by_arm], fontsize=8)
+    ax2.set_ylim(min(allv) - 0.03, max(allv) + 0.02)
+    ax2.set(ylabel="validation loss (nats/token)", title="bar = mean, dots = seeds")
+    fig.tight_layout()
+    return fig
+
+
+MOE_STAGES = {"gate": "#8172b2", "sort+gather": "#ccb974", "experts": "#4c72b0", "combine": "#c44e52",
+              "shared": "#55a868"}
+
+
+def plot_moe_stages(res: Mapping[str, Any], label: str) -> Figure:
+    """`benchmarks/moe_layer.py` result: each stage of the MoE layer timed alone (stacked bars), the
+    dense layer of equal activated size (grey) and the whole MoE layer (text), per layout."""
+    fig, ax = new_figure(8.0, 3.2)
+    ticks = []
+    for i, (name, r) in enumerate(res["layouts"].items()):
+        left = 0.0
+        for stage, color in MOE_STAGES.items():
+            ms = r["breakdown"]["stages_s"][stage]["median"] * 1e3
+            ax.barh(2 * i, ms, left=left, color=color, label=stage if i == 0 else None)
+            left += ms
+        ax.barh(2 * i + 0.8, r["breakdown"]["dense_step_s"] * 1e3, color="#999999", label="dense" if i == 0 else None)
+        ax.text(max(left, r["breakdown"]["moe_step_s"] * 1e3), 2 * i,
+                f" whole layer {r['breakdown']['moe_step_s'] * 1e3:.1f} ms", va="center", fontsize=7)
+        ticks.append((2 * i + 0.4, name.replace(" (fine-grained)", "")))
+    ax.set_yticks([p for p, _ in ticks], [n for _, n in ticks], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="forward + backward (ms)",
+           title=f"{label}, {res['settings']['tokens']:,} tokens: each stage timed alone (bars) vs the whole layer")
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.25)
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
     return fig

@@ -4,8 +4,8 @@ Checks that every helper returns a matplotlib Figure that pyplot no longer track
 cell shows it exactly once and nothing leaks), that bad inputs raise `ValueError` naming the
 mismatch, that text the default font cannot draw (emoji, CJK) never triggers matplotlib's
 "Glyph missing" warning (a stderr line in a notebook), that the paradigm map holds every notebook
-and survey section, and that `explorer` shows the static figure first and leaves its widget output
-empty until a control changes.
+and survey section, that `show` gives every figure alternative text, and that `explorer` shows the
+static figure first and redraws that same output (never a second figure) when a control changes.
 """
 
 from __future__ import annotations
@@ -172,12 +172,51 @@ def test_box_edge_lies_on_the_box_border() -> None:
     assert (x, y) == pytest.approx((0.5, 0.5 - viz._MAP_BOX_H / 2))
 
 
-def test_explorer_shows_static_figure_first_and_leaves_the_output_empty(monkeypatch) -> None:
+class _Handle:
+    """Stands in for IPython's DisplayHandle: records each update of the displayed output."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def update(self, data, **kw) -> None:
+        self.log.append(("update", data, kw))
+
+
+def _fake_display(log: list):
+    def display(*objs, **kw):
+        log.append(("display", objs, kw))
+        return _Handle(log) if kw.get("display_id") else None
+    return display
+
+
+def test_show_displays_png_and_html_with_alt_text_once(monkeypatch) -> None:
+    import IPython.display
+
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
+    fig = viz.plot_tokens(["ab", "c"])
+    viz.show(fig, alt='two "tokens" <a>')
+    assert len(log) == 1
+    _, (data,), kw = log[0]
+    assert kw["raw"] is True and set(data) == {"image/png", "text/html", "text/plain"}
+    assert data["image/png"] in data["text/html"], "the HTML image is the same PNG"
+    assert 'alt="two &quot;tokens&quot; &lt;a&gt;"' in data["text/html"], "alt text escaped into the <img>"
+    assert kw["metadata"]["image/png"]["alt"] == 'two "tokens" <a>'
+    assert _untracked(fig)
+
+
+@pytest.mark.parametrize("alt", ["", "   ", None])
+def test_show_refuses_a_figure_without_alt_text(alt) -> None:
+    with pytest.raises(ValueError, match="alt"):
+        viz.figure_bundle(viz.plot_tokens(["a"]), alt)
+
+
+def test_explorer_redraws_the_static_figure_in_place(monkeypatch) -> None:
     widgets = pytest.importorskip("ipywidgets")
     import IPython.display
 
-    shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
     calls = []
 
     def draw(n=1, word="a"):
@@ -185,23 +224,195 @@ def test_explorer_shows_static_figure_first_and_leaves_the_output_empty(monkeypa
         return viz.plot_tokens([word] * n)
 
     slider, text = widgets.IntSlider(2, 1, 5), widgets.Text("x")
-    box = viz.explorer(draw, {"n": slider, "word": text})
+    box = viz.explorer(draw, {"n": slider, "word": text}, alt=lambda n, word: f"{n} boxes of {word}")
     assert calls == [(2, "x")], "the static figure is drawn once with the controls' values"
-    assert len(shown) == 1 and isinstance(shown[0], Figure), "only the static figure is displayed by explorer"
-    assert isinstance(box, widgets.VBox)
-    out = box.children[1]
-    assert isinstance(out, widgets.Output) and out.outputs == (), "no copy of the figure in the widget state"
+    assert len(log) == 1 and log[0][0] == "display" and log[0][2]["display_id"] is True
+    assert log[0][1][0]["text/plain"] == "[figure] 2 boxes of x"
+    assert isinstance(box, widgets.VBox) and len(box.children) == 1, "controls only: no second figure"
     slider.value = 3
     assert calls[-1] == (3, "x")
+    assert log[-1][0] == "update" and log[-1][1]["text/plain"] == "[figure] 3 boxes of x", "same output replaced"
     text.value = "y"
-    assert calls[-1] == (3, "y")
+    assert calls[-1] == (3, "y") and len(log) == 3
+    assert [kind for kind, *_ in log] == ["display", "update", "update"], "never a second figure on the page"
 
 
 def test_explorer_can_skip_the_static_figure(monkeypatch) -> None:
     widgets = pytest.importorskip("ipywidgets")
     import IPython.display
 
-    shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
-    viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, show_static=False)
-    assert shown == []
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
+    box = viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, show_static=False)
+    assert log == []
+    assert isinstance(box.children[1], widgets.Output) and box.children[1].outputs == ()
+
+
+# --- chapter figures (01-04) ------------------------------------------------------------------
+
+def test_png_bytes_is_a_small_palette_png() -> None:
+    from PIL import Image
+
+    data = viz.png_bytes(viz.plot_tokens(["ab", "c"]))
+    image = Image.open(__import__("io").BytesIO(data))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and image.mode == "P"
+
+
+def test_chapter01_figures() -> None:
+    fig = viz.plot_compression([263, 512, 1024], [1.0, 2.0, 2.5], course=(2048, 3.0))
+    assert _untracked(fig) and fig.axes[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match="plot_compression"):
+        viz.plot_compression([1, 2], [1.0])
+    fig = viz.plot_token_lengths(np.array([1, 1, 2, 3, 20]), np.array([0, 5, 3, 2, 1]), first=1)
+    assert _untracked(fig) and len(fig.axes) == 2
+    with pytest.raises(ValueError, match="plot_token_lengths"):
+        viz.plot_token_lengths(np.ones(3), np.ones(4))
+
+
+def test_chapter02_figures() -> None:
+    import torch
+
+    inv_freq = 10000.0 ** (-torch.arange(0, 8, 2) / 8)
+    cos = torch.outer(torch.arange(16.0), inv_freq).cos()
+    fig = viz.plot_rope(inv_freq, cos, max_seq_len=16)
+    assert _untracked(fig) and len(fig.axes) >= 2
+    with pytest.raises(ValueError, match="plot_rope"):
+        viz.plot_rope(inv_freq, cos[:, :2], 16)
+    mask = torch.ones(3, 8, dtype=torch.bool).tril(5)
+    fig = viz.plot_causal_masks([mask], ["x"], [5])
+    assert _untracked(fig) and [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["5", "6", "7"]
+    with pytest.raises(ValueError, match="same length"):
+        viz.plot_causal_masks([mask], ["a", "b"], [0])
+
+
+def test_mla_diagram_reads_the_module_shapes() -> None:
+    import torch
+
+    from deepseek_edu.config import get_preset
+    from deepseek_edu.mla import MLA
+
+    with torch.device("meta"):
+        mla = MLA(get_preset("deepseek-v3"))
+    fig = viz.plot_mla_diagram(mla)
+    text = " ".join(_texts(fig))
+    assert _untracked(fig)
+    for label in ("wkv_a (576, 7168)", "kv_norm", "wkv_b (32768, 512)", "wq_a (1536, 7168)", "wo (7168, 16384)",
+                  "576 numbers"):
+        assert label in text, label
+    with pytest.raises(ValueError, match="MLA"):
+        viz.plot_mla_diagram(torch.nn.Linear(2, 2))
+
+
+def test_kv_cache_curves_match_the_analysis_formulas() -> None:
+    from deepseek_edu.analysis import kv_cache_bytes_per_token
+    from deepseek_edu.config import get_preset
+
+    v3 = get_preset("deepseek-v3")
+    curves = viz.kv_cache_curves({"V3": v3}, [1024, 2048])
+    assert curves["V3"]["mla"] == [70_272 * 1024, 70_272 * 2048]
+    assert curves["V3"]["gqa"][0] == kv_cache_bytes_per_token(v3, "gqa", n_kv_heads=8) * 1024
+    assert set(curves["V3"]) == {"mha", "gqa", "mqa", "mla"}
+    fig = viz.plot_kv_cache_vs_context(curves, [1024, 2048])
+    assert _untracked(fig) and len(fig.axes[0].lines) == 4
+    pfig = viz.kv_cache_plotly(curves, [1024, 2048])
+    assert len(pfig.data) == 4 and pfig.data[0].y[0] == pytest.approx(curves["V3"]["mha"][0] / 1e9)
+
+
+def test_show_plotly_stores_json_and_text_only(monkeypatch) -> None:
+    import IPython.display
+
+    log = []
+    monkeypatch.setattr(IPython.display, "display", _fake_display(log))
+    viz.show_plotly(viz.kv_cache_plotly(viz.kv_cache_curves({"V3": __import__("deepseek_edu.config", fromlist=["x"])
+                                                                .get_preset("deepseek-v3")}, [1024]), [1024]), alt="kv")
+    (data,) = log[0][1]
+    assert set(data) == {"application/vnd.plotly.v1+json", "text/plain"} and data["text/plain"].endswith("kv")
+    assert len(__import__("json").dumps(data)) < 50_000, "no plotly.js inside the notebook"
+    with pytest.raises(ValueError, match="alt"):
+        viz.show_plotly(None, alt="")
+
+
+def test_plot_decode_speed_and_machine_note() -> None:
+    res = {"dtype": "float32", "contexts": [512, 1024], "batches": [1, 32],
+           "machine": {"load_average_1_5_15_min": [7.0, 7.0, 5.0], "cpu_count": 2},
+           "results": [{"kind": k, "batch": 32, "ctx": c, "tokens_per_s": t}
+                       for k in ("mha", "mla-naive", "mla-absorbed") for c, t in ((512, 10.0), (1024, 5.0))],
+           "absorbed_over_naive": [{"batch": b, "ctx": c, "absorbed_over_naive": 2.0} for b in (1, 32) for c in (512, 1024)]}
+    assert viz.machine_note(res) == "load 7.0 on 2 cores"
+    assert viz.machine_note({"machine": {"load_average_1_5_15_min": [0.5], "cpu_count": 2}}) == ""
+    assert viz.decode_tokens_per_s(res, "mha", 32) == ([512, 1024], [10.0, 5.0])
+    fig = viz.plot_decode_speed({"CPU": res}, labels=["CPU", "H200"])
+    assert _untracked(fig)
+    assert "load 7.0 on 2 cores" in fig.axes[0].get_title(), "a CPU panel measured under load says so"
+    assert "no H200 results" in " ".join(_texts(fig))
+
+
+def test_chapter03_cache_figures() -> None:
+    fig = viz.plot_cache_bytes({"mha": 100.0, "mla": 20.0}, {"mha": 100.0, "mla": 20.0}, "bytes", "t")
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="plot_cache_bytes"):
+        viz.plot_cache_bytes({"mha": 1.0}, {"mla": 1.0}, "", "")
+    kinds = ("mha", "mla")
+    fig = viz.plot_kv_calculator({k: 1.0 for k in kinds}, {k: [0.5, 1.0] for k in kinds}, [1024, 2048], 2048,
+                                 {k: k.upper() for k in kinds}, "left", "right")
+    assert _untracked(fig) and len(fig.axes[1].lines) == 3  # two kinds and the context marker
+    with pytest.raises(ValueError, match="same kinds"):
+        viz.plot_kv_calculator({"mha": 1.0}, {}, [1], 1, {}, "", "")
+
+
+def test_chapter04_routing_figures() -> None:
+    import torch
+
+    biased = torch.tensor([0.9, 0.1, 0.5, 0.4, -0.2, 0.3, 0.8, 0.0])
+    fig = viz.plot_group_routing(biased, [1.0, 0.9, 0.3, 0.8], kept=[0, 1], chosen=[0, 2], n_groups=4)
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="plot_group_routing"):
+        viz.plot_group_routing(biased, [1.0, 2.0], [0], [0], n_groups=3)
+    assert viz.trailing_mean([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]
+    with pytest.raises(ValueError, match="window"):
+        viz.trailing_mean([1.0], window=0)
+    fig = viz.plot_balance_runs({"a": [3.0, 1.0], "b": [3.0, 3.0]}, {"a": 5.0, "b": 5.1}, {"a": "red"}, collapse=3.0)
+    assert _untracked(fig) and len(fig.axes) == 2
+    with pytest.raises(ValueError, match="arms"):
+        viz.plot_balance_runs({"a": [1.0]}, {"b": 1.0}, {}, 3.0)
+    w = torch.zeros(3, 4).scatter(1, torch.tensor([[0], [1], [1]]), 1.0)
+    fig = viz.plot_routing(w, torch.tensor([[1.0, 2.0, 0.0, 0.0]]), ["a", "b", "c"], "t", topk=1)
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="plot_routing"):
+        viz.plot_routing(w, torch.zeros(1, 5), ["a", "b", "c"], "t", 1)
+    pfig = viz.routing_plotly({("x", 0): w, ("y", 1): w * 0.5}, ["a", "b", "c"])
+    assert len(pfig.data) == 2 and [t.visible for t in pfig.data] == [True, False]
+    assert len(pfig.layout.updatemenus[0].buttons) == 2, "one menu entry per (arm, layer): one state shown at a time"
+    with pytest.raises(ValueError, match="routing_plotly"):
+        viz.routing_plotly({}, [])
+
+
+def test_moe_diagram_reads_the_module_shapes() -> None:
+    import torch
+
+    from deepseek_edu.config import get_preset
+    from deepseek_edu.moe import MoE
+
+    with torch.device("meta"):
+        moe = MoE(get_preset("deepseek-v3"))
+    text = " ".join(_texts(viz.plot_moe_diagram(moe)))
+    for label in ("gate.weight (256, 7168)", "gate.bias (256,)", "shared_experts", "experts[255]", "(2048, 7168)",
+                  "top-8", "8 groups, keep 4", "route_scale=2.5"):
+        assert label in text, label
+    with pytest.raises(ValueError, match="MoE"):
+        viz.plot_moe_diagram(torch.nn.Linear(2, 2))
+
+
+def test_committed_moe_figures() -> None:
+    runs = [{"arm": arm, "val_loss": v, "max_violation_series": {"window_end_step": [10, 20],
+                                                                 "worst_layer_window_mean": [2.0, m]}}
+            for arm, v, m in (("aux-free", 4.0, 0.2), ("aux-free", 4.02, 0.3), ("none", 4.03, 2.0))]
+    fig = viz.plot_committed_balance(runs, {"none": "red"})
+    assert _untracked(fig) and len(fig.axes[1].patches) == 2, "one bar per arm"
+    with pytest.raises(ValueError, match="no runs"):
+        viz.plot_committed_balance([], {})
+    stage = {"median": 1e-3}
+    res = {"settings": {"tokens": 1024}, "layouts": {"8 routed": {"breakdown": {
+        "stages_s": dict.fromkeys(viz.MOE_STAGES, stage), "dense_step_s": 2e-3, "moe_step_s": 6e-3}}}}
+    fig = viz.plot_moe_stages(res, "GPU")
+    assert _untracked(fig) and "whole layer 6.0 ms" in " ".join(_texts(fig))
