@@ -269,3 +269,37 @@ def test_nbconvert_html_writes_the_alt_text_of_show(tmp_path) -> None:
     assert [img.get("alt") for img in BeautifulSoup(html, "html.parser").find_all("img")] == [
         'Two bars, "b" is taller']
     assert not [r for r in records if "Alternative text is missing" in r.getMessage()]
+
+
+def test_chapter_05_07_figures():
+    import matplotlib.pyplot as plt
+    import torch
+
+    from deepseek_edu import viz
+    from deepseek_edu.config import get_preset
+
+    fig = viz.plot_mtp_diagram(get_preset("tiny"))
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    for name in ("embed", "eh_proj", "enorm", "hnorm", "block", "(96, 192)", "(2048, 96)"):
+        assert name in texts, name
+    hist = [{"step": s, "ce": 7.0 - s / 10, "mtp_ce_1": 7.1 - s / 10, "tokens": 100 * s,
+             "val_loss": (6.0 - s / 10) if s % 5 == 0 else None} for s in range(1, 11)]
+    fig2 = viz.plot_pretraining(hist, torch.ones(10, 3, 8), last=4)
+    assert len(fig2.axes) >= 2 and len(fig2.axes[0].lines) == 3  # main, MTP, validation
+    fig3 = viz.plot_runs_bits_per_char({"a": hist, "b": hist[:5]}, chars_per_token=2.5)
+    assert len(fig3.axes[0].lines) == 2
+    for f in (fig, fig2, fig3):
+        plt.close(f)
+
+
+def test_text_explorer_prints_the_static_sample_and_redraws(capsys):
+    import ipywidgets as widgets
+
+    from deepseek_edu import viz
+
+    slider = widgets.IntSlider(value=2, min=0, max=5)
+    box = viz.text_explorer(lambda n: "x" * n, {"n": slider})
+    assert capsys.readouterr().out == "xx\n"
+    assert len(box.children) == 2 and box.children[0].children == (slider,)
+    slider.value = 3  # redraws (into the output widget when a kernel displays it)
+    assert "xxx" in capsys.readouterr().out
