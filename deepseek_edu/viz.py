@@ -28,10 +28,13 @@ Helpers:
     plot_paradigm_map  the course map of DeepSeek's techniques (survey sections -> notebooks);
                        `paradigm_map_entries` lists its boxes as (notebook, technique, section)
     explorer           static figure at the defaults, then widgets that redraw it
+    show               display a figure as a PNG with alternative text (read by screen readers
+                       and written as `alt=` by nbconvert's HTML export, as GitHub/nbviewer show it)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -401,6 +404,8 @@ def plot_paradigm_map() -> Figure:
 def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True,
              alt: str | Callable[..., str] = "interactive figure") -> Any:
     """Static figure first, then widgets that redraw *that same figure*: the course's explorers.
+             alt: str | None = None) -> Any:
+    """Static figure first, then widgets that redraw it: the course's pattern for explorers.
 
     1. `draw(**defaults)` is called once with each control's current value and its figure is
        displayed (with `alt`) as an ordinary output that GitHub, nbviewer and a printout show.
@@ -414,6 +419,8 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
         show_static: display the figure at the defaults first (step 1). Without it the figure is
             drawn into an `ipywidgets.Output` under the controls at the first change.
         alt: alternative text of the figure, or a function of the controls' values returning it.
+        show_static: display the figure at the defaults first (step 1).
+        alt: alternative text of the figures (see `show`); without it they display as plain figures.
     Returns:
         An `ipywidgets.VBox` holding the controls (and the Output when show_static is False): end
         the cell with the call so that Jupyter displays it under the figure.
@@ -439,6 +446,21 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
             new_data, new_metadata = bundle()
             if handle is not None:
                 handle.update(new_data, raw=True, metadata=new_metadata)
+    def put(fig: Figure) -> None:
+        if alt is None:
+            display(fig)
+        else:
+            show(fig, alt=alt)
+
+    if show_static:
+        put(draw(**current()))
+    out = widgets.Output()
+
+    def redraw(_change: Any = None) -> None:
+        fig = draw(**current())
+        with out:
+            out.clear_output(wait=True)
+            put(fig)
 
         box = widgets.VBox([row])
     else:
@@ -1361,4 +1383,181 @@ def plot_moe_stages(res: Mapping[str, Any], label: str) -> Figure:
     ax.set_xlim(0, ax.get_xlim()[1] * 1.25)
     ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
+# --- Display with alternative text (course infrastructure) ---------------------------------------
+
+def figure_png(fig: Figure) -> bytes:
+    """The PNG bytes of `fig` as Jupyter's inline backend draws it (figure DPI, tight bounding box)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def png_bundle(fig: Figure, alt: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(data, metadata) of the display message `show` sends: the PNG and its alternative text.
+
+    The alternative text lives in the output's metadata under the PNG's MIME type,
+    `{"image/png": {"alt": ...}}` -- where nbconvert's HTML templates read it (`get_metadata('alt',
+    'image/png')`) to write the `<img alt="...">` attribute that GitHub-style static reading and screen
+    readers use.
+
+    Raises:
+        ValueError: when `alt` is empty or only whitespace.
+    """
+    import base64
+
+    if not isinstance(alt, str) or not alt.strip():
+        raise ValueError("alt must be a non-empty description of the figure")
+    data = {
+        "image/png": base64.b64encode(figure_png(fig)).decode("ascii"),
+        "text/plain": f"<Figure: {alt.strip()}>",
+    }
+    return data, {"image/png": {"alt": alt.strip()}}
+
+
+def show(fig: Figure, alt: str) -> None:
+    """Display `fig` as a static PNG with alternative text `alt` (one sentence: what the figure shows).
+
+    Use it instead of ending a cell with the figure: `viz.show(fig, alt="Validation loss falls below
+    the unigram entropy after 100 steps")`. The figure is closed in pyplot, so it appears once.
+
+    Raises:
+        ValueError: when `alt` is empty.
+    """
+    from IPython.display import display
+
+    data, metadata = png_bundle(fig, alt)
+    plt.close(fig)
+    display(data, raw=True, metadata=metadata)
+
+
+# --- chapters 05-07: MTP, the tiny DeepSeek, pre-training ------------------------------------------------
+
+
+def plot_pretraining(history: Sequence[Mapping[str, Any]], loads: Any, last: int = 40) -> Figure:
+    """Chapter 07: main and MTP training losses with validation points, and the expert load heatmap.
+
+    Args:
+        history: `Trainer.history` records (keys "step", "ce", "mtp_ce_k", "val_loss").
+        loads: (steps, layers, E) tokens per routed expert at every step.
+        last: steps the load panel sums over.
+    """
+    fig, (ax1, ax2) = new_figure(10.0, 3.4, ncols=2)
+    steps = [r["step"] for r in history]
+    ax1.plot(steps, [r["ce"] for r in history], label="main head (next token)", color="#4c72b0", lw=1)
+    for k in sorted(k for k in history[-1] if k.startswith("mtp_ce")):
+        ax1.plot(steps, [r[k] for r in history], label=f"{k} (token after next)", color="#dd8452", lw=1)
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+    if val:
+        ax1.plot(*zip(*val), "o-", color="black", ms=4, label="validation, main head")
+    ax1.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="pre-training the tiny DeepSeek")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    load = _to_numpy(loads)[-last:].sum(0)  # (layers, E)
+    plot_heatmap(load / load.sum(-1, keepdims=True) * load.shape[-1], x_labels=[str(e) for e in range(load.shape[-1])],
+                 y_labels=[f"MoE layer {i}" for i in range(load.shape[0])], cmap="RdBu_r", vmin=0, vmax=2,
+                 title=f"expert load, last {last} steps (1 = the mean)", xlabel="routed expert", ax=ax2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs_bits_per_char(runs: Mapping[str, Sequence[Mapping[str, Any]]], chars_per_token: float,
+                            reference: float | None = None, reference_label: str = "") -> Figure:
+    """Chapter 07: validation loss in bits per character against training tokens, one line per run.
+
+    Args:
+        runs: label -> history records with "tokens" and "val_loss" (nats/token; None when not evaluated).
+        chars_per_token: of the validation text, to convert nats/token to bits/character.
+        reference: a horizontal line (bits/character), e.g. the unigram baseline.
+    """
+    fig, ax = new_figure(6.5, 3.2)
+    for label, hist in runs.items():
+        pts = [(r["tokens"], r["val_loss"] / math.log(2) / chars_per_token) for r in hist
+               if r.get("val_loss") is not None]
+        ax.plot(*zip(*pts), "o-", ms=4, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="gray", ls="--", lw=1, label=reference_label)
+    ax.set(xlabel="training tokens", ylabel="validation bits / character", xscale="log",
+           title="the live run and the course model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def text_explorer(sample: Callable[..., str], controls: Mapping[str, Any]) -> Any:
+    """Like `explorer`, for text: the sample at the controls' values is printed (a static output that
+    GitHub shows), then the controls and an empty output that re-prints a sample when they change.
+
+    Args:
+        sample: keyword arguments named like `controls` -> text.
+        controls: name -> ipywidgets control.
+    Returns:
+        The `ipywidgets.VBox` of controls and output (end the cell with it).
+    """
+    import ipywidgets as widgets
+
+    def current() -> dict[str, Any]:
+        return {name: c.value for name, c in controls.items()}
+
+    print(sample(**current()))
+    out = widgets.Output()
+
+    def redraw(_change: Any = None) -> None:
+        with out:
+            out.clear_output(wait=True)
+            print(sample(**current()))
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    return widgets.VBox([widgets.HBox(list(controls.values())), out])
+
+
+def plot_mtp_diagram(cfg: Any) -> Figure:
+    """Chapter 05: the main model and MTP module 1 as boxes, with the package's names and `cfg`'s shapes.
+
+    Left column: the main model (embed -> layers -> norm -> head -> next token). Right column: MTP
+    module 1 (`enorm`, `hnorm`, `eh_proj`, `block`, `norm`), fed by the main model's hidden state and
+    the embedding of the token one ahead, sharing the embedding and the head (dashed arrows).
+    """
+    D, V, L = cfg.dim, cfg.vocab_size, cfg.n_layers
+    fig, ax = new_figure(8.0, 4.6)
+    boxes = {  # name: (x, y, text, colour)
+        "embed": (0.0, 0.0, f"embed  ({V}, {D})\nEmb(t_i)", "#dfe7fd"),
+        "layers": (0.0, 1.2, f"layers[0..{L - 1}]  (MLA + MoE)\nh^0_i  (B, S, {D})", "#e8e8e8"),
+        "norm": (0.0, 2.4, f"norm  ({D},)", "#e8e8e8"),
+        "head": (0.0, 3.6, f"head  ({D}, {V})\nlogits for t_(i+1)", "#dfe7fd"),
+        "enorm": (4.2, 0.0, f"enorm(Emb(t_(i+1)))  ({D},)", "#f6e3c7"),
+        "hnorm": (6.6, 0.0, f"hnorm(h^0_i)  ({D},)", "#f6e3c7"),
+        "eh_proj": (5.4, 1.0, f"eh_proj  ({D}, {2 * D})\n[enorm ; hnorm] -> {D}", "#f6e3c7"),
+        "block": (5.4, 2.0, f"block  (layer {L})\nh^1_i  (B, S-1, {D})", "#f6e3c7"),
+        "mtp_norm": (5.4, 3.0, f"norm  ({D},)", "#f6e3c7"),
+        "shared": (5.4, 4.0, "the main model's head (shared)\nlogits for t_(i+2)", "#dfe7fd"),
+    }
+    w, h = 2.2, 0.7
+    for x, y, text, colour in boxes.values():
+        ax.add_patch(mpatches.FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.03", fc=colour, ec="#555555", lw=0.8))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=7)
+
+    def arrow(a: str, b: str, dashed: bool = False) -> None:
+        xa, ya = boxes[a][0] + w / 2, boxes[a][1] + h
+        xb, yb = boxes[b][0] + w / 2, boxes[b][1]
+        if ya > yb:  # to the side: from the box's right edge
+            xa, ya = boxes[a][0] + w, boxes[a][1] + h / 2
+        ax.annotate("", xy=(xb, yb), xytext=(xa, ya),
+                    arrowprops={"arrowstyle": "->", "color": "#333333", "lw": 0.8, "ls": "--" if dashed else "-"})
+
+    for a, b in (("embed", "layers"), ("layers", "norm"), ("norm", "head"), ("enorm", "eh_proj"),
+                 ("hnorm", "eh_proj"), ("eh_proj", "block"), ("block", "mtp_norm"), ("mtp_norm", "shared")):
+        arrow(a, b)
+    arrow("layers", "hnorm")  # h^0 feeds the MTP module
+    arrow("embed", "enorm", dashed=True)  # the same embedding table
+    ax.annotate("", xy=(5.4, 4.35), xytext=(2.2, 3.95),
+                arrowprops={"arrowstyle": "->", "color": "#333333", "lw": 0.8, "ls": "--"})
+    ax.text(0.0, 4.75, "main model", fontsize=9, weight="bold")
+    ax.text(5.4, 4.95, "MTP module 1 (mtp[0])", fontsize=9, weight="bold")
+    ax.set_xlim(-0.2, 9.0)
+    ax.set_ylim(-0.3, 5.2)
+    ax.axis("off")
     return fig

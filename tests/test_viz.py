@@ -416,3 +416,105 @@ def test_committed_moe_figures() -> None:
         "stages_s": dict.fromkeys(viz.MOE_STAGES, stage), "dense_step_s": 2e-3, "moe_step_s": 6e-3}}}}
     fig = viz.plot_moe_stages(res, "GPU")
     assert _untracked(fig) and "whole layer 6.0 ms" in " ".join(_texts(fig))
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, show_static=False)
+    assert shown == []
+
+
+def test_show_sends_the_png_with_its_alt_text_in_the_output_metadata(monkeypatch) -> None:
+    import base64
+
+    import IPython.display
+
+    sent = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: sent.append((objs, kw)))
+    fig = viz.plot_bars(["a", "b"], [1.0, 2.0])
+    viz.show(fig, alt="Two bars, b twice as tall as a")
+    (objs, kw), = sent
+    data = objs[0]
+    assert kw["raw"] is True
+    assert kw["metadata"] == {"image/png": {"alt": "Two bars, b twice as tall as a"}}
+    assert base64.b64decode(data["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="alt"):
+        viz.show(fig, alt="  ")
+
+
+def test_explorer_with_alt_shows_the_static_figure_with_alt_text(monkeypatch) -> None:
+    widgets = pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    sent = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: sent.append((objs, kw)))
+    viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, alt="Token boxes")
+    (_objs, kw), = sent
+    assert kw["metadata"]["image/png"]["alt"] == "Token boxes"
+
+
+def test_nbconvert_html_writes_the_alt_text_of_show(tmp_path) -> None:
+    """Executed in a real kernel and exported as nbconvert's HTML (as static readers see it).
+
+    nbconvert's `classic` template (nbviewer's look) writes the output's `image/png` `alt` metadata
+    as the `<img alt>`; its default `lab` template (7.17) ignores that metadata.
+    """
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nbconvert = pytest.importorskip("nbconvert")
+    import logging
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "from deepseek_edu import viz\n"
+        "viz.show(viz.plot_bars(['a', 'b'], [1.0, 2.0]), alt='Two bars, \"b\" is taller')")]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": "."}}).execute()
+    (out,) = nb.cells[0].outputs
+    assert out["metadata"]["image/png"]["alt"] == 'Two bars, "b" is taller'
+    exporter = nbconvert.HTMLExporter(template_name="classic")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    exporter.log.addHandler(handler)
+    try:
+        html, _ = exporter.from_notebook_node(nb)
+    finally:
+        exporter.log.removeHandler(handler)
+    from bs4 import BeautifulSoup  # nbconvert's own dependency
+
+    assert [img.get("alt") for img in BeautifulSoup(html, "html.parser").find_all("img")] == [
+        'Two bars, "b" is taller']
+    assert not [r for r in records if "Alternative text is missing" in r.getMessage()]
+
+
+def test_chapter_05_07_figures():
+    import matplotlib.pyplot as plt
+    import torch
+
+    from deepseek_edu import viz
+    from deepseek_edu.config import get_preset
+
+    fig = viz.plot_mtp_diagram(get_preset("tiny"))
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    for name in ("embed", "eh_proj", "enorm", "hnorm", "block", "(96, 192)", "(2048, 96)"):
+        assert name in texts, name
+    hist = [{"step": s, "ce": 7.0 - s / 10, "mtp_ce_1": 7.1 - s / 10, "tokens": 100 * s,
+             "val_loss": (6.0 - s / 10) if s % 5 == 0 else None} for s in range(1, 11)]
+    fig2 = viz.plot_pretraining(hist, torch.ones(10, 3, 8), last=4)
+    assert len(fig2.axes) >= 2 and len(fig2.axes[0].lines) == 3  # main, MTP, validation
+    fig3 = viz.plot_runs_bits_per_char({"a": hist, "b": hist[:5]}, chars_per_token=2.5)
+    assert len(fig3.axes[0].lines) == 2
+    for f in (fig, fig2, fig3):
+        plt.close(f)
+
+
+def test_text_explorer_prints_the_static_sample_and_redraws(capsys):
+    import ipywidgets as widgets
+
+    from deepseek_edu import viz
+
+    slider = widgets.IntSlider(value=2, min=0, max=5)
+    box = viz.text_explorer(lambda n: "x" * n, {"n": slider})
+    assert capsys.readouterr().out == "xx\n"
+    assert len(box.children) == 2 and box.children[0].children == (slider,)
+    slider.value = 3  # redraws (into the output widget when a kernel displays it)
+    assert "xxx" in capsys.readouterr().out
