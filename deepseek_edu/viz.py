@@ -413,18 +413,18 @@ def show(fig: Figure, alt: str) -> None:
 
 # (label, x, y, colour) of each box of the GRPO loop diagram; labels name the package's functions
 _GRPO_BOXES = {
-    "prompts": ("P prompts q\n`task.problems(P, 'train')`", 0.10, 0.78, "#e2ece9"),
-    "policy": ("policy π_θ (= π_old while sampling)\ntiny DeepSeek `Transformer`", 0.38, 0.78, "#dfe7fd"),
-    "samples": ("G responses per prompt, (P·G, T)\n`sample_responses` + stored log π_old", 0.70, 0.78, "#dfe7fd"),
-    "rewards": ("rule rewards r, (P·G,)\n`score_responses`: accuracy + 0.1·format", 0.70, 0.46, "#fff1c1"),
-    "adv": ("group advantages Â, (P·G,)\n`group_advantages(r, group_ids)`", 0.38, 0.46, "#fff1c1"),
-    "loss": ("clipped surrogate + β·k3 KL\n`policy_loss` (min(ρÂ, clip(ρ)Â))", 0.38, 0.14, "#fde2e4"),
-    "ref": ("frozen reference π_ref\n(the SFT model) `response_logprobs`", 0.70, 0.14, "#e8dff5"),
-    "update": ("AdamW step, μ per batch\n`grpo_train`", 0.10, 0.14, "#fde2e4"),
+    "prompts": ("P prompts q\n`task.problems(P, 'train')`", 0.08, 0.78, "#e2ece9"),
+    "policy": ("policy π_θ (= π_old while sampling)\ntiny DeepSeek `Transformer`", 0.40, 0.78, "#dfe7fd"),
+    "samples": ("G responses per prompt, (P·G, T)\n`sample_responses` + stored log π_old", 0.72, 0.78, "#dfe7fd"),
+    "rewards": ("rule rewards r, (P·G,)\n`score_responses`: accuracy + 0.1·format", 0.72, 0.46, "#fff1c1"),
+    "adv": ("group advantages Â, (P·G,)\n`group_advantages(r, group_ids)`", 0.40, 0.46, "#fff1c1"),
+    "loss": ("clipped surrogate + β·k3 KL\n`policy_loss` (min(ρÂ, clip(ρ)Â))", 0.40, 0.14, "#fde2e4"),
+    "ref": ("frozen reference π_ref\n(the SFT model) `response_logprobs`", 0.72, 0.14, "#e8dff5"),
+    "update": ("AdamW step, μ per batch\n`grpo_train`", 0.08, 0.14, "#fde2e4"),
 }
 _GRPO_ARROWS = [("prompts", "policy"), ("policy", "samples"), ("samples", "rewards"), ("rewards", "adv"),
                 ("adv", "loss"), ("ref", "loss"), ("loss", "update"), ("update", "policy")]
-_GRPO_BOX_W, _GRPO_BOX_H = 0.27, 0.17
+_GRPO_BOX_W, _GRPO_BOX_H = 0.25, 0.17
 
 
 def grpo_loop_entries() -> list[tuple[str, str]]:
@@ -441,7 +441,7 @@ def plot_grpo_loop() -> Figure:
     fig = plt.figure(figsize=(9.0, 4.0), dpi=FIG_DPI)
     plt.close(fig)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(-0.05, 0.88)
+    ax.set_xlim(-0.07, 0.87)
     ax.set_ylim(-0.02, 0.98)
     ax.axis("off")
     w, h = _GRPO_BOX_W, _GRPO_BOX_H
@@ -455,7 +455,7 @@ def plot_grpo_loop() -> Figure:
         ax.add_patch(mpatches.FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01,rounding_size=0.02",
                                              fc=color, ec="#555555", lw=0.8, zorder=2))
         ax.text(x, y, label, ha="center", va="center", fontsize=7.5, zorder=3, linespacing=1.3)
-    ax.text(0.415, 0.955, "One GRPO step (grpo_train): sample a group, score by rules, compare inside the group, "
+    ax.text(0.40, 0.955, "One GRPO step (grpo_train): sample a group, score by rules, compare inside the group, "
             "update", ha="center", va="top", fontsize=9.5)
     return fig
 
@@ -549,8 +549,7 @@ def plot_grpo_variants(bench: Mapping[str, Any]) -> Figure:
     target = bench.get("acceptance", {}).get("target_gain")
     if target:
         b1.axhline(target, color="gray", ls=":", lw=1)
-    b1.set(xlabel="GRPO step", ylabel="accuracy − SFT accuracy",
-           title="held-out gain (band: min–max over seeds" + (f"; dotted +{target:g})" if target else ")"))
+    b1.set(xlabel="GRPO step", ylabel="accuracy − SFT accuracy", title="held-out gain (band: min–max of seeds)")
     b2.set(xlabel="GRPO step", title="KL (k3) to the SFT model, 10-step mean")
     b3.set(xlabel="GRPO step", ylabel="tokens", title="response length, 10-step mean")
     for ax in (b1, b2, b3):
