@@ -518,3 +518,65 @@ def test_text_explorer_prints_the_static_sample_and_redraws(capsys):
     assert len(box.children) == 2 and box.children[0].children == (slider,)
     slider.value = 3  # redraws (into the output widget when a kernel displays it)
     assert "xxx" in capsys.readouterr().out
+# --- chapter 10 -----------------------------------------------------------------------------------------
+
+
+def _fake_bench(seeds=(0, 1, 2)) -> dict:
+    hist = [{"step": s, "kl": 0.01 * s, "length": 20.0, "reward": 0.5, "accuracy": 0.5, "clip_frac": 0.0}
+            for s in range(1, 21)]
+    runs = {v: {str(s): {"evals": [{"step": 0, "accuracy": 0.5}, {"step": 20, "accuracy": 0.6 + 0.01 * s}],
+                         "history": hist, "accuracy_final": 0.6 + 0.01 * s, "gain_final": 0.1 + 0.01 * s,
+                         "gain_se": 3.0 + s} for s in seeds} for v in ("grpo", "dapo")}
+    sft = {str(s): {"eval": {"accuracy": 0.5}} for s in seeds}
+    return {"runs": runs, "sft": sft, "acceptance": {"target_gain": 0.15}}
+
+
+def test_grpo_variant_rows_summarise_over_seeds() -> None:
+    rows = viz.grpo_variant_rows(_fake_bench())
+    assert [r["variant"] for r in rows] == ["grpo", "dapo"]
+    r = rows[0]
+    assert r["seeds"] == 3 and r["gain_min"] == pytest.approx(0.1) and r["gain_max"] == pytest.approx(0.12)
+    assert r["gain_mean"] == pytest.approx(0.11) and r["se_min"] == 3.0 and r["final_mean"] == pytest.approx(0.61)
+    assert r["kl_end"] == pytest.approx(np.mean([0.01 * s for s in range(11, 21)]))
+
+
+def test_grpo_figures_are_closed_figures() -> None:
+    bench = _fake_bench()
+    fig = viz.plot_grpo_variants(bench)
+    assert _untracked(fig)
+    _draw_strict(fig)
+    run = bench["runs"]["grpo"]["0"]
+    fig = viz.plot_grpo_run(run["history"], run["evals"], n_eval=500, title="t")
+    assert _untracked(fig)
+    _draw_strict(fig)
+    with pytest.raises(ValueError, match="empty"):
+        viz.plot_grpo_run([], [])
+
+
+def test_grpo_loop_diagram_names_the_package_functions() -> None:
+    from deepseek_edu import grpo
+
+    labels = " ".join(label for _, label in viz.grpo_loop_entries())
+    for name in ("sample_responses", "score_responses", "group_advantages", "policy_loss", "response_logprobs",
+                 "grpo_train"):
+        assert f"`{name}" in labels and hasattr(grpo, name), name
+    fig = viz.plot_grpo_loop()
+    assert _untracked(fig)
+    _draw_strict(fig)
+    assert len(fig.axes[0].patches) == len(viz.grpo_loop_entries())
+
+
+def test_reward_breakdown_draws_any_text() -> None:
+    from deepseek_edu.tasks import Problem
+
+    prob = Problem("arithmetic", "47+38=", "85")
+    for text in ("<think>7+8=15\n4+3+1=8</think>\n<answer>85</answer>", "<think>🙂</think><answer>八五</answer>", ""):
+        fig = viz.plot_reward_breakdown(text, prob)
+        assert _untracked(fig)
+        _draw_strict(fig)
+
+
+def test_show_needs_alt_text() -> None:
+    fig, _ = viz.new_figure()
+    with pytest.raises(ValueError, match="alt"):
+        viz.show(fig, alt=" ")
