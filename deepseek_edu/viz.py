@@ -22,6 +22,8 @@ Helpers:
     plot_paradigm_map  the course map of DeepSeek's techniques (survey sections -> notebooks);
                        `paradigm_map_entries` lists its boxes as (notebook, technique, section)
     explorer           static figure at the defaults, then widgets that redraw it
+    show               display a figure as a PNG with alternative text (read by screen readers
+                       and written as `alt=` by nbconvert's HTML export, as GitHub/nbviewer show it)
 """
 
 from __future__ import annotations
@@ -340,7 +342,8 @@ def plot_paradigm_map() -> Figure:
     return fig
 
 
-def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True) -> Any:
+def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True,
+             alt: str | None = None) -> Any:
     """Static figure first, then widgets that redraw it: the course's pattern for explorers.
 
     1. `draw(**defaults)` is called once with each control's current value and its figure is
@@ -353,6 +356,7 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
         draw: keyword arguments named like `controls` -> a matplotlib Figure.
         controls: name -> ipywidgets control (anything with `.value` and `.observe`).
         show_static: display the figure at the defaults first (step 1).
+        alt: alternative text of the figures (see `show`); without it they display as plain figures.
     Returns:
         The `ipywidgets.VBox` holding the controls and the output: end the cell with the call
         so that Jupyter displays it under the static figure.
@@ -363,15 +367,21 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
     def current() -> dict[str, Any]:
         return {name: c.value for name, c in controls.items()}
 
+    def put(fig: Figure) -> None:
+        if alt is None:
+            display(fig)
+        else:
+            show(fig, alt=alt)
+
     if show_static:
-        display(draw(**current()))
+        put(draw(**current()))
     out = widgets.Output()
 
     def redraw(_change: Any = None) -> None:
         fig = draw(**current())
         with out:
             out.clear_output(wait=True)
-            display(fig)
+            put(fig)
 
     for control in controls.values():
         control.observe(redraw, names="value")
@@ -382,3 +392,52 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=float)
+
+
+# --- Display with alternative text (course infrastructure) ---------------------------------------
+
+def figure_png(fig: Figure) -> bytes:
+    """The PNG bytes of `fig` as Jupyter's inline backend draws it (figure DPI, tight bounding box)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def png_bundle(fig: Figure, alt: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """(data, metadata) of the display message `show` sends: the PNG and its alternative text.
+
+    The alternative text lives in the output's metadata under the PNG's MIME type,
+    `{"image/png": {"alt": ...}}` -- where nbconvert's HTML templates read it (`get_metadata('alt',
+    'image/png')`) to write the `<img alt="...">` attribute that GitHub-style static reading and screen
+    readers use.
+
+    Raises:
+        ValueError: when `alt` is empty or only whitespace.
+    """
+    import base64
+
+    if not isinstance(alt, str) or not alt.strip():
+        raise ValueError("alt must be a non-empty description of the figure")
+    data = {
+        "image/png": base64.b64encode(figure_png(fig)).decode("ascii"),
+        "text/plain": f"<Figure: {alt.strip()}>",
+    }
+    return data, {"image/png": {"alt": alt.strip()}}
+
+
+def show(fig: Figure, alt: str) -> None:
+    """Display `fig` as a static PNG with alternative text `alt` (one sentence: what the figure shows).
+
+    Use it instead of ending a cell with the figure: `viz.show(fig, alt="Validation loss falls below
+    the unigram entropy after 100 steps")`. The figure is closed in pyplot, so it appears once.
+
+    Raises:
+        ValueError: when `alt` is empty.
+    """
+    from IPython.display import display
+
+    data, metadata = png_bundle(fig, alt)
+    plt.close(fig)
+    display(data, raw=True, metadata=metadata)

@@ -205,3 +205,64 @@ def test_explorer_can_skip_the_static_figure(monkeypatch) -> None:
     monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
     viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, show_static=False)
     assert shown == []
+
+
+def test_show_sends_the_png_with_its_alt_text_in_the_output_metadata(monkeypatch) -> None:
+    import base64
+
+    import IPython.display
+
+    sent = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: sent.append((objs, kw)))
+    fig = viz.plot_bars(["a", "b"], [1.0, 2.0])
+    viz.show(fig, alt="Two bars, b twice as tall as a")
+    (objs, kw), = sent
+    data = objs[0]
+    assert kw["raw"] is True
+    assert kw["metadata"] == {"image/png": {"alt": "Two bars, b twice as tall as a"}}
+    assert base64.b64decode(data["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _untracked(fig)
+    with pytest.raises(ValueError, match="alt"):
+        viz.show(fig, alt="  ")
+
+
+def test_explorer_with_alt_shows_the_static_figure_with_alt_text(monkeypatch) -> None:
+    widgets = pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    sent = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: sent.append((objs, kw)))
+    viz.explorer(lambda n=1: viz.plot_tokens(["a"] * n), {"n": widgets.IntSlider(1, 1, 3)}, alt="Token boxes")
+    (_objs, kw), = sent
+    assert kw["metadata"]["image/png"]["alt"] == "Token boxes"
+
+
+def test_nbconvert_html_writes_the_alt_text_of_show(tmp_path) -> None:
+    """Executed in a real kernel and exported as nbconvert's HTML (as static readers see it).
+
+    nbconvert's `classic` template (nbviewer's look) writes the output's `image/png` `alt` metadata
+    as the `<img alt>`; its default `lab` template (7.17) ignores that metadata.
+    """
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nbconvert = pytest.importorskip("nbconvert")
+    import logging
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "from deepseek_edu import viz\n"
+        "viz.show(viz.plot_bars(['a', 'b'], [1.0, 2.0]), alt='Two bars, \"b\" is taller')")]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": "."}}).execute()
+    (out,) = nb.cells[0].outputs
+    assert out["metadata"]["image/png"]["alt"] == 'Two bars, "b" is taller'
+    exporter = nbconvert.HTMLExporter(template_name="classic")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    exporter.log.addHandler(handler)
+    try:
+        html, _ = exporter.from_notebook_node(nb)
+    finally:
+        exporter.log.removeHandler(handler)
+    assert 'alt="Two bars, &quot;b&quot; is taller"' in html
+    assert not [r for r in records if "Alternative text is missing" in r.getMessage()]
