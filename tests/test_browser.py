@@ -90,6 +90,7 @@ def _start_lab(folder: Path, token: str, port: int) -> subprocess.Popen:
 
 # JavaScript run in the page (window.jupyterapp is exposed by --LabApp.expose_app_in_browser).
 JS_STATE = """() => {
+  if (!window.jupyterapp) return null;
   const panel = window.jupyterapp.shell.currentWidget;
   if (!panel || !panel.content || !panel.sessionContext.session) return null;
   const cells = panel.content.widgets.filter(c => c.model.type === 'code' && c.model.sharedModel.getSource().trim());
@@ -144,6 +145,8 @@ def test_chapter_runs_in_jupyterlab_in_chromium(chapter: str, tmp_path: Path) ->
             page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}&reset")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
             _wait(page, lambda s: s["kernel"] == "idle", 90, "the kernel to start")
+            page.wait_for_timeout(2000)
+            dirty_on_open = page.evaluate("() => window.jupyterapp.shell.currentWidget.context.model.dirty")
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
             _wait(page, lambda s: s["done"] == 0, 30, "outputs to clear")
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
@@ -189,3 +192,5 @@ def test_chapter_runs_in_jupyterlab_in_chromium(chapter: str, tmp_path: Path) ->
             lab.kill()
     (ARTIFACTS / f"{chapter}.json").write_text(json.dumps({"run_all_s": round(run_s, 1), "cells": state["n"]}))
     assert not console_errors, f"browser console errors: {console_errors}"
+    assert not dirty_on_open, ("JupyterLab marks the notebook modified as soon as it opens (kernelspec "
+                               "metadata differs from ipykernel's): re-run it with deepseek_edu.notebook_runner")
