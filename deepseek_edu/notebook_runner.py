@@ -91,10 +91,23 @@ def run_notebook(path: str | Path, timeout: int = 600, threads: int = 2) -> RunR
         stop.set()
         watcher.join()
     seconds = time.perf_counter() - start
+    nb.metadata["kernelspec"] = installed_kernelspec("python3")
     if "widgets" in nb.metadata and not _has_widget_state(nb):
         del nb.metadata["widgets"]  # metadata without its state makes GitHub refuse to render
     nbformat.write(nb, path)
     return RunReport(path, seconds, peak[0], path.stat().st_size / 1024)
+
+
+def installed_kernelspec(name: str = "python3") -> dict[str, str]:
+    """The notebook metadata of kernel `name` exactly as the installed kernel spec reports it.
+
+    `python -m ipykernel install` (and the kernel ipykernel ships) name python3 "Python 3 (ipykernel)";
+    a notebook whose metadata says otherwise is marked modified by JupyterLab as soon as it opens.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(name)
+    return {"display_name": spec.display_name, "language": spec.language, "name": name}
 
 
 def _has_widget_state(nb) -> bool:

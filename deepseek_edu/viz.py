@@ -453,6 +453,13 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
             show(fig, alt=alt)
 
     if show_static:
+    def put(fig: Figure) -> None:
+        if alt is None:
+            display(fig)
+        else:
+            show(fig, alt=alt)
+
+    if show_static:
         put(draw(**current()))
     out = widgets.Output()
 

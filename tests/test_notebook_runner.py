@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from deepseek_edu.notebook_runner import main, run_notebook
+from deepseek_edu.notebook_runner import installed_kernelspec, main, run_notebook
 
 
 def _write(path: Path, *sources: str) -> Path:
@@ -35,6 +35,7 @@ def test_runs_in_place_with_outputs_and_counts(tmp_path: Path) -> None:
     assert counts == [1, 2]
     assert texts == ["2", tmp_path.name]  # thread cap passed; kernel started in the notebook's folder
     assert report.seconds > 0 and report.size_kb > 0 and report.peak_rss_mb >= 0
+    assert nb["metadata"]["kernelspec"] == installed_kernelspec()  # "Python 3" was written before the run
 
 
 def test_failing_cell_raises_and_keeps_the_file(tmp_path: Path) -> None:

@@ -88,3 +88,30 @@ def test_course_skeleton(path: Path) -> None:
     assert "google.colab" in first_code and "pip" in first_code, (
         f"{path.name}: the first code cell must install the package on Colab (and do nothing elsewhere)"
     )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_kernelspec_is_what_ipykernel_installs(path: Path) -> None:
+    """Opening a notebook in JupyterLab must not mark it modified (its kernelspec rewritten)."""
+    from deepseek_edu.notebook_runner import installed_kernelspec
+
+    assert _load(path)["metadata"].get("kernelspec") == installed_kernelspec("python3"), (
+        f"{path.name}: re-run it with `python -m deepseek_edu.notebook_runner`, which writes the installed kernelspec")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_image_has_alt_text(path: Path) -> None:
+    """Every PNG output carries alternative text in its metadata (`viz.show(fig, alt=...)`).
+
+    nbconvert's HTML export writes it as the `<img alt>` read by screen readers (and warns about
+    each image without it); see `test_viz.py::test_nbconvert_html_writes_the_alt_text_of_show`.
+    """
+    missing = []
+    for index, cell in enumerate(_load(path)["cells"]):
+        for out in cell.get("outputs", []):
+            if "image/png" in out.get("data", {}):
+                alt = out.get("metadata", {}).get("image/png", {}).get("alt", "")
+                if not (isinstance(alt, str) and alt.strip()):
+                    missing.append(index)
+    assert not missing, (f"{path.name}: PNG outputs without alt text in cells {missing}; "
+                         "show figures with `viz.show(fig, alt=...)`")

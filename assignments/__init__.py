@@ -1,0 +1,1 @@
+"""Student releases and autograding of the course with nbgrader (see `assignments.nbgrade`)."""

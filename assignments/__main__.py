@@ -1,0 +1,5 @@
+import sys
+
+from assignments.nbgrade import main
+
+sys.exit(main())
