@@ -28,8 +28,6 @@ Helpers:
     plot_paradigm_map  the course map of DeepSeek's techniques (survey sections -> notebooks);
                        `paradigm_map_entries` lists its boxes as (notebook, technique, section)
     explorer           static figure at the defaults, then widgets that redraw it
-    show               display a figure as a PNG with alternative text (read by screen readers
-                       and written as `alt=` by nbconvert's HTML export, as GitHub/nbviewer show it)
 """
 
 from __future__ import annotations
@@ -404,8 +402,6 @@ def plot_paradigm_map() -> Figure:
 def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_static: bool = True,
              alt: str | Callable[..., str] = "interactive figure") -> Any:
     """Static figure first, then widgets that redraw *that same figure*: the course's explorers.
-             alt: str | None = None) -> Any:
-    """Static figure first, then widgets that redraw it: the course's pattern for explorers.
 
     1. `draw(**defaults)` is called once with each control's current value and its figure is
        displayed (with `alt`) as an ordinary output that GitHub, nbviewer and a printout show.
@@ -419,8 +415,6 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
         show_static: display the figure at the defaults first (step 1). Without it the figure is
             drawn into an `ipywidgets.Output` under the controls at the first change.
         alt: alternative text of the figure, or a function of the controls' values returning it.
-        show_static: display the figure at the defaults first (step 1).
-        alt: alternative text of the figures (see `show`); without it they display as plain figures.
     Returns:
         An `ipywidgets.VBox` holding the controls (and the Output when show_static is False): end
         the cell with the call so that Jupyter displays it under the figure.
@@ -446,28 +440,6 @@ def explorer(draw: Callable[..., Figure], controls: Mapping[str, Any], show_stat
             new_data, new_metadata = bundle()
             if handle is not None:
                 handle.update(new_data, raw=True, metadata=new_metadata)
-    def put(fig: Figure) -> None:
-        if alt is None:
-            display(fig)
-        else:
-            show(fig, alt=alt)
-
-    if show_static:
-    def put(fig: Figure) -> None:
-        if alt is None:
-            display(fig)
-        else:
-            show(fig, alt=alt)
-
-    if show_static:
-        put(draw(**current()))
-    out = widgets.Output()
-
-    def redraw(_change: Any = None) -> None:
-        fig = draw(**current())
-        with out:
-            out.clear_output(wait=True)
-            put(fig)
 
         box = widgets.VBox([row])
     else:
@@ -491,148 +463,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Chapter 08: FP8 training
-# ---------------------------------------------------------------------------------------------------
-def show(fig: Figure, alt: str) -> None:
-    """Display `fig` once as a static PNG with alternative text `alt`; ValueError when `alt` is empty."""
-# --- Chapter 09: GPU kernels ---------------------------------------------------------------------------
-# Datasheet rates of the H200 SXM (NVIDIA, dense, no sparsity): leads only, labelled as such wherever shown.
-H200_DATASHEET = {"hbm_Bps": 4.8e12, "bf16_flops": 989.5e12, "fp8_flops": 1978.9e12}
-
-
-def show(fig: Figure, alt: str) -> None:
-    """Display `fig` as a PNG whose plain-text alternative is `alt` (what a screen reader or a text
-    export shows instead of the image)."""
-# --- chapter 10: GRPO ----------------------------------------------------------------------------------
-
-
-def show(fig: Figure, alt: str) -> None:
-    """Display `fig` once as a static PNG whose output carries alternative text `alt`.
-
-    The alt text goes in the output's metadata under ``image/png`` (where nbconvert's HTML export
-    reads it for ``<img alt=...>``) and in the ``text/plain`` fallback. Same contract as the other
-    notebooks' ``viz.show(fig, alt=...)``.
-
-    Raises:
-        ValueError: when `alt` is empty or only whitespace.
-    """
-    import base64
-    import io
-
-    from IPython.display import display
-
-    if not isinstance(alt, str) or not alt.strip():
-        raise ValueError("alt must be a non-empty description of the figure")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIG_DPI)
-    plt.close(fig)
-    display({"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": f"[figure] {alt}"},
-            raw=True, metadata={"image/png": {"alt": alt}})
-
-
-def plot_e4m3_number_line(values: Sequence[float]) -> Figure:
-    """The E4M3 values (non-negative, sorted) near 1 and near 448, as ticks on two number lines."""
-    v = _to_numpy(values)
-    fig, axes = new_figure(6.5, 2.4, nrows=2)
-    for ax, (lo, hi), label in zip(axes, ((0.5, 2.0), (192.0, 460.0)), ("near 1: step 1/8 above 1", "near 448: step 32")):
-        sel = v[(v >= lo) & (v <= hi)]
-        ax.vlines(sel, 0, 1, color="#4c72b0")
-        ax.set(xlim=(lo - 0.02 * (hi - lo), hi), ylim=(0, 1.3), yticks=[], title=f"E4M3 {label}")
-        ax.set_xticks(sel if len(sel) <= 13 else sel[::2])
-        ax.tick_params(axis="x", labelsize=7, rotation=45)
-    axes[1].axvline(448, color="#c44e52", ls="--")
-    axes[1].text(448, 1.05, "max 448 (no inf)", color="#c44e52", ha="right", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=FIG_DPI, bbox_inches="tight")
-    display({"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": f"[figure] {alt}"}, raw=True)
-
-
-def h200_ceilings(results_dir: Any) -> dict[str, Any]:
-    """Ceilings of the project's H200 from committed JSON, each with where it came from.
-
-    Prefers `kernels_h200.json` (copy, BF16 matmul and `_scaled_mm` blockwise measured in one run);
-    else the copy bandwidth of `mla_decode_h200.json` and the BF16 matmul of `moe_layer_h200.json`;
-    whatever no file measured comes from `H200_DATASHEET`, marked "datasheet".
-    """
-    import json
-    from pathlib import Path
-
-    d = Path(results_dir)
-    out: dict[str, Any] = {}
-    k = d / "kernels_h200.json"
-    if k.exists():
-        c = json.loads(k.read_text())["ceilings"]
-        out["hbm_Bps"] = (c["device_copy"]["Bps"]["median"], "measured, kernels_h200.json")
-        out["bf16_flops"] = (c["bf16_matmul"]["flops_per_s"]["median"], "measured, kernels_h200.json")
-        if "flops_per_s" in c["scaled_mm_blockwise"]:
-            out["fp8_flops"] = (c["scaled_mm_blockwise"]["flops_per_s"]["median"], "measured, kernels_h200.json")
-    else:
-        m, e = d / "mla_decode_h200.json", d / "moe_layer_h200.json"
-        if m.exists():
-            gbps = json.loads(m.read_text())["ceilings"]["device_copy"]["GBps"]["median"]
-            out["hbm_Bps"] = (gbps * 1e9, "measured copy, mla_decode_h200.json")
-        if e.exists():
-            flops = json.loads(e.read_text())["peak_bf16_matmul"]["flops_per_s"]["median"]
-            out["bf16_flops"] = (flops, "measured 8192^3 matmul, moe_layer_h200.json")
-    for key, value in H200_DATASHEET.items():
-        out.setdefault(key, (value, "datasheet"))
-    return out
-
-
-def plot_roofline(ceilings: dict[str, Any], points: Sequence[tuple[str, float, str]] = (),
-                  measured: Sequence[tuple[str, float, float]] = (), ax: Any = None) -> Figure:
-    """Roofline: attainable FLOP/s = min(peak, bandwidth x intensity), log-log, BF16 and FP8 roofs.
-
-    Args:
-        ceilings: from `h200_ceilings` (name -> (value, source)).
-        points: (label, FLOP/byte, colour) drawn as vertical lines: where a kernel sits, not a measurement.
-        measured: (label, FLOP/byte, FLOP/s) measured points (none until the GPU run is committed).
-    """
-    fig, ax = _figure_of(ax, 7.0, 3.6)
-    bw, bw_src = ceilings["hbm_Bps"]
-    x = np.logspace(-1, 3.5, 200)
-    for key, style, name in (("bf16_flops", "-", "BF16"), ("fp8_flops", "--", "FP8")):
-        peak, src = ceilings[key]
-        ax.plot(x, np.minimum(peak, bw * x) / 1e12, style, color="#333333", lw=1.3,
-                label=f"{name} roof: {peak / 1e12:.0f} TFLOP/s ({src})")
-        ax.axvline(peak / bw, color="#999999", lw=0.6, ls=":")
-    for label, ai, color in points:
-        ax.axvline(ai, color=color, lw=1.5, alpha=0.8)
-        ax.text(ai * 1.07, 1.0, label, rotation=90, fontsize=7, color=color, va="bottom")
-    for label, ai, flops in measured:
-        ax.plot([ai], [flops / 1e12], "o", ms=5, label=label)
-    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte of memory traffic)",
-           ylabel="TFLOP/s", title=f"H200 roofline; memory {bw / 1e12:.2f} TB/s ({bw_src})", ylim=(0.3, 3000))
-    ax.legend(fontsize=7, loc="upper left")
-# --- chapter 11: systems ---------------------------------------------------------------------------
-
-PIPELINE_COLORS = {"F": "#4C72B0", "B": "#DD8452", "Bi": "#E8A97A", "W": "#55A868", "FB": "#8172B2"}
-
-
-def plot_pipeline_timeline(events: Sequence[tuple[int, float, float, str, int]], title: str = "",
-                           ax: Any = None, label_microbatches: bool = True) -> Figure:
-    """Per-rank timeline of a pipeline schedule: one row per rank, one bar per operation.
-
-    Args:
-        events: (rank, start, end, kind, microbatch) with kind in F, B, Bi, W, FB
-            (`deepseek_edu.parallel.pipeline.Timeline.as_tuples()`).
-    """
-    fig, ax = _figure_of(ax, 9.0, 0.4 * (1 + max(e[0] for e in events)) + 1.2)
-    for rank, start, end, kind, mb in events:
-        ax.barh(rank, end - start, left=start, color=PIPELINE_COLORS[kind], edgecolor="white", height=0.8)
-        if label_microbatches and end - start >= 0.8:
-            ax.text((start + end) / 2, rank, str(mb), ha="center", va="center", fontsize=6, color="white")
-    ax.invert_yaxis()
-    ax.set_ylabel("rank")
-    ax.set_xlabel("time (units of the durations)")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    names = {"F": "forward", "B": "backward", "Bi": "backward (input)", "W": "backward (weights)",
-             "FB": "overlapped F&B"}
-    kinds = sorted({e[3] for e in events}, key=list(PIPELINE_COLORS).index)
-    ax.legend(handles=[mpatches.Patch(color=PIPELINE_COLORS[k], label=names[k]) for k in kinds],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(kinds), fontsize=7, frameon=False)
-    ax.set_title(title)
 # ---------------------------------------------------------------------------------------------
 # Chapter 01 · data and tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -1020,61 +850,6 @@ def trailing_mean(values: Sequence[float], window: int = 10) -> list[float]:
     """Trailing mean over `window` values (the first ones over what there is). Raises ValueError if window < 1."""
     if window < 1:
         raise ValueError(f"window={window} must be >= 1")
-    display({"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": f"<Figure: {alt.strip()}>"},
-            raw=True, metadata={"image/png": {"alt": alt.strip()}})
-
-
-# (label, x, y, colour) of each box of the GRPO loop diagram; labels name the package's functions
-_GRPO_BOXES = {
-    "prompts": ("P prompts q\n`task.problems(P, 'train')`", 0.08, 0.78, "#e2ece9"),
-    "policy": ("policy π_θ (= π_old while sampling)\ntiny DeepSeek `Transformer`", 0.40, 0.78, "#dfe7fd"),
-    "samples": ("G responses per prompt, (P·G, T)\n`sample_responses` + stored log π_old", 0.72, 0.78, "#dfe7fd"),
-    "rewards": ("rule rewards r, (P·G,)\n`score_responses`: accuracy + 0.1·format", 0.72, 0.46, "#fff1c1"),
-    "adv": ("group advantages Â, (P·G,)\n`group_advantages(r, group_ids)`", 0.40, 0.46, "#fff1c1"),
-    "loss": ("clipped surrogate + β·k3 KL\n`policy_loss` (min(ρÂ, clip(ρ)Â))", 0.40, 0.14, "#fde2e4"),
-    "ref": ("frozen reference π_ref\n(the SFT model) `response_logprobs`", 0.72, 0.14, "#e8dff5"),
-    "update": ("AdamW step, μ per batch\n`grpo_train`", 0.08, 0.14, "#fde2e4"),
-}
-_GRPO_ARROWS = [("prompts", "policy"), ("policy", "samples"), ("samples", "rewards"), ("rewards", "adv"),
-                ("adv", "loss"), ("ref", "loss"), ("loss", "update"), ("update", "policy")]
-_GRPO_BOX_W, _GRPO_BOX_H = 0.25, 0.17
-
-
-def grpo_loop_entries() -> list[tuple[str, str]]:
-    """(box key, label) of the GRPO loop diagram, in drawing order."""
-    return [(k, v[0]) for k, v in _GRPO_BOXES.items()]
-
-
-def plot_grpo_loop() -> Figure:
-    """The GRPO loop of `grpo.grpo_train` as boxes and arrows, with the package's names and shapes.
-
-    DeepSeekMath §4.1 (Fig. 4) / R1 §2.2: sample a group per prompt, score by rules, advantages
-    inside each group, clipped objective with a KL penalty to a frozen reference, update, repeat.
-    """
-    fig = plt.figure(figsize=(9.0, 4.0), dpi=FIG_DPI)
-    plt.close(fig)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(-0.07, 0.87)
-    ax.set_ylim(-0.02, 0.98)
-    ax.axis("off")
-    w, h = _GRPO_BOX_W, _GRPO_BOX_H
-    for src, dst in _GRPO_ARROWS:
-        (_, x0, y0, _), (_, x1, y1, _) = _GRPO_BOXES[src], _GRPO_BOXES[dst]
-        dx, dy = x1 - x0, y1 - y0
-        t = min(w / 2 / abs(dx) if dx else float("inf"), h / 2 / abs(dy) if dy else float("inf"))
-        ax.annotate("", xy=(x1 - t * dx, y1 - t * dy), xytext=(x0 + t * dx, y0 + t * dy),
-                    arrowprops={"arrowstyle": "-|>", "color": "#555555", "lw": 1.2, "shrinkA": 2, "shrinkB": 2})
-    for label, x, y, color in _GRPO_BOXES.values():
-        ax.add_patch(mpatches.FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01,rounding_size=0.02",
-                                             fc=color, ec="#555555", lw=0.8, zorder=2))
-        ax.text(x, y, label, ha="center", va="center", fontsize=7.5, zorder=3, linespacing=1.3)
-    ax.text(0.40, 0.955, "One GRPO step (grpo_train): sample a group, score by rules, compare inside the group, "
-            "update", ha="center", va="top", fontsize=9.5)
-    return fig
-
-
-def _smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over `window` values (fewer at the start)."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v - (values[i - window] if i >= window else 0.0)
@@ -1135,132 +910,6 @@ def plot_routing(weights: Any, loads: Any, tokens: Sequence[str], title: str, to
     return fig
 
 
-def plot_granularity_errors(errors: Mapping[str, float], title: str = "") -> Figure:
-    """Bars: relative quantisation error (%) per scaling granularity."""
-    names = list(errors)
-    return plot_bars(names, [100 * errors[n] for n in names], xlabel="relative error ||x - dq(q(x))|| / ||x|| (%)",
-                     title=title)
-
-
-def plot_accumulation(rows: Sequence[Mapping[str, float]], committed: Mapping[str, Any] | None = None,
-                      v3_error: float = 0.02) -> Figure:
-    """Max relative error (%) against K, without and with promotion: live rows, committed `by_k` dashed."""
-    fig, ax = new_figure(5.5, 3.0)
-    for key, color in (("no_promotion", "#c44e52"), ("promotion", "#4c72b0")):
-        ks = sorted({r["k"] for r in rows})
-        ax.plot(ks, [100 * max(r[key] for r in rows if r["k"] == k) for k in ks], "o-", color=color,
-                label=f"{key.replace('_', ' ')} (this run)")
-        if committed:
-            kk = sorted(int(k) for k in committed)
-            ax.plot(kk, [100 * committed[str(k)][key]["mean"] for k in kk], "--", color=color, alpha=0.6,
-                    label=f"{key.replace('_', ' ')} (committed JSON)")
-    ax.axhline(100 * v3_error, color="gray", ls=":", label="V3: nearly 2% at K = 4096")
-    ax.set(xscale="log", yscale="log", xlabel="K (inner dimension)", ylabel="max relative error (%)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_fp8_training(rel_err: Mapping[str, Sequence[float]], spread: Sequence[float] | None = None,
-                      bound: float = 0.0025, title: str = "") -> Figure:
-    """Relative loss error (%) against step per variant, with the seed spread and V3's bound."""
-    fig, ax = new_figure(6.0, 3.0)
-    for (name, curve), color in zip(rel_err.items(), ("#4c72b0", "#c44e52", "#55a868")):
-        ax.plot(range(len(curve)), [100 * v for v in curve], color=color, label=name)
-    if spread is not None:
-        ax.plot(range(len(spread)), [100 * v for v in spread], color="gray", alpha=0.7, label="seed spread (FP32 vs FP32)")
-    ax.axhline(100 * bound, color="black", ls=":", label="V3: < 0.25%")
-    ax.set(yscale="log", xlabel="step", ylabel="relative loss error (%)", title=title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_fp8_linear_diagram() -> Figure:
-    """The three GEMMs of an FP8 linear layer (V3 Fig. 6), with the granularity of each FP8 input."""
-    fig, ax = new_figure(7.0, 3.0)
-    ax.set_axis_off()
-    ax.set(xlim=(0, 10), ylim=(0, 6))
-    boxes = {
-        "x (fp32/bf16)": (0.2, 4.6), "q: 1x128 tiles": (2.4, 4.6), "W master (fp32)": (0.2, 2.6),
-        "q: 128x128 blocks": (2.4, 2.6), "Fprop GEMM\ny = x W^T": (5.2, 4.6), "Dgrad GEMM\ndx = dy W": (5.2, 2.6),
-        "Wgrad GEMM\ndW = dy^T x": (5.2, 0.6), "dy: 1x128 tiles (dgrad)\n128x1 tiles (wgrad)": (7.6, 2.6),
-        "x: 128x1 tiles": (2.4, 0.6),
-    }
-    for text, (x, y) in boxes.items():
-        fp8 = text.startswith(("q:", "dy:", "x: 128"))
-        ax.add_patch(mpatches.FancyBboxPatch((x, y), 2.1, 0.9, boxstyle="round,pad=0.05",
-                                             fc="#fde2e4" if fp8 else ("#dfe7fd" if "GEMM" in text else "#e2ece9"),
-                                             ec="gray"))
-        ax.text(x + 1.05, y + 0.45, text, ha="center", va="center", fontsize=7)
-    for (x0, y0), (x1, y1) in (((2.3, 5.05), (2.4, 5.05)), ((4.5, 5.05), (5.2, 5.05)), ((2.3, 3.05), (2.4, 3.05)),
-                               ((4.5, 3.05), (5.2, 3.05)), ((4.5, 3.3), (5.2, 4.8)), ((7.6, 3.05), (7.3, 3.05)),
-                               ((7.6, 2.8), (7.3, 1.05)), ((1.25, 4.6), (2.4, 1.3)), ((4.5, 1.05), (5.2, 1.05))):
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "color": "gray"})
-    ax.text(0.2, 5.8, "pink: E4M3 inputs with their scales; blue: GEMMs accumulating in FP32 (promotion every 128)",
-            fontsize=7)
-    return fig
-
-
-def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, Any],
-                      granularity: Mapping[str, Any]) -> str:
-    """A markdown table of V3's FP8 numbers beside the committed benchmark JSONs'."""
-    import torch
-    at = accumulation["by_k"]["4096"]
-    fin = training["final_rel_loss_error"]
-    g = granularity["mean_rel_error"]["b128"]
-    rows = [
-        ("E4M3 max / E5M2 max", "448 / 57344", (f"{torch.finfo(torch.float8_e4m3fn).max:g} / "
-         f"{torch.finfo(torch.float8_e5m2).max:g} (`torch.finfo`)")),
-        ("max relative error, K = 4096, no promotion", "nearly 2%", f"{100 * at['no_promotion']['mean']:.2f}% (emulated, 14 bits)"),
-        ("... with promotion every N_C = 128", "removed", f"{100 * at['promotion']['max']:.3f}%"),
-        ("relative loss error, FP8 vs higher precision", "< 0.25%", f"{100 * fin['fp8']['max']:.3f}% (max over seeds)"),
-        ("... tensorwise scaling, same runs", "(not reported)", f"{100 * fin['fp8-tensorwise']['mean']:.3f}% (mean)"),
-        ("seed-to-seed spread (FP32 vs FP32)", "(not reported)", f"{100 * training['final_seed_spread']:.3f}%"),
-        ("activation error: tensorwise vs 1x128", "(motivation)", f"{100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}%"),
-    ]
-    lines = ["| quantity | DeepSeek-V3 | ours |", "| --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
-def plot_quant_layouts(C: int = 512, R: int = 64, block: int = 128) -> Figure:
-    """Diagram: 1 x 128 activation tiles, 128 x 128 weight blocks, and one token's FP8 MLA cache row."""
-    fig, (a1, a2, a3) = new_figure(10.0, 2.8, ncols=3, gridspec_kw={"width_ratios": [1.2, 1.0, 1.8]})
-    for i in range(4):  # activations: 4 tokens x 512 channels, one scale per 1 x 128
-        for j in range(4):
-            a1.add_patch(mpatches.Rectangle((j * block, 3 - i), block, 0.9, color=TOKEN_COLORS[(i + j) % 6], ec="k"))
-            a1.text(j * block + block / 2, 3.45 - i, f"s[{i},{j}]", ha="center", va="center", fontsize=6)
-    a1.set(xlim=(0, 4 * block), ylim=(0, 4), title="activations: 1 x 128 tiles", xlabel="channel", ylabel="token")
-    for i in range(3):  # weight: 384 x 384, one scale per 128 x 128
-        for j in range(3):
-            a2.add_patch(mpatches.Rectangle((j, 2 - i), 1, 1, color=TOKEN_COLORS[(i * 3 + j) % 6], ec="k"))
-            a2.text(j + 0.5, 2.5 - i, f"s[{i},{j}]", ha="center", va="center", fontsize=7)
-    a2.set(xlim=(0, 3), ylim=(0, 3), title="weights: 128 x 128 blocks", xticks=[], yticks=[])
-    parts = [(f"{C} x E4M3 latent", C, "#dfe7fd"), (f"{C // block} x FP32 scales", 4 * (C // block), "#fde2e4"),
-             (f"{R} x BF16 rotary", 2 * R, "#e2ece9")]
-    x0 = 0
-    for label, nbytes, color in parts:
-        a3.add_patch(mpatches.Rectangle((x0, 0), nbytes, 1, color=color, ec="k"))
-        narrow = nbytes < 60  # too thin to hold its label: write it above the bar
-        a3.text(x0 + nbytes / 2, 1.25 if narrow else 0.5, f"{label}\n{nbytes} B", ha="center", va="center", fontsize=7)
-        x0 += nbytes
-    a3.set(xlim=(0, x0), ylim=(0, 1.6), yticks=[], xlabel="byte", title=f"FP8 MLA cache: {x0} bytes per token per layer")
-def plot_gpu_loads(loads: Mapping[str, Sequence[float]], title: str = "", ax: Any = None) -> Figure:
-    """Grouped bars of tokens per GPU, one group per GPU, one bar per placement (label -> (G,) loads)."""
-    fig, ax = _figure_of(ax, 6.5, 3.0)
-    n = len(loads)
-    width = 0.8 / n
-    for i, (label, values) in enumerate(loads.items()):
-        values = _to_numpy(values)
-        ax.bar(np.arange(len(values)) + (i - (n - 1) / 2) * width, values, width=width,
-               label=f"{label} (max/mean {values.max() / values.mean():.2f})")
-        ax.axhline(values.mean(), color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("GPU")
-    ax.set_ylabel("tokens")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    ax.set_title(title)
 def routing_plotly(weights: Mapping[tuple[str, int], Any], tokens: Sequence[str]) -> Any:
     """Routing decisions over experts and layers as one plotly heatmap with a menu of (arm, layer):
     hover for the token, the expert and its combine weight.
@@ -1458,7 +1107,262 @@ def plot_moe_stages(res: Mapping[str, Any], label: str) -> Figure:
     ax.set_xlim(0, ax.get_xlim()[1] * 1.25)
     ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
-# --- Display with alternative text (course infrastructure) ---------------------------------------
+    return fig
+
+
+# --- chapter 08: FP8 training ---
+
+def plot_e4m3_number_line(values: Sequence[float]) -> Figure:
+    """The E4M3 values (non-negative, sorted) near 1 and near 448, as ticks on two number lines."""
+    v = _to_numpy(values)
+    fig, axes = new_figure(6.5, 2.4, nrows=2)
+    for ax, (lo, hi), label in zip(axes, ((0.5, 2.0), (192.0, 460.0)), ("near 1: step 1/8 above 1", "near 448: step 32")):
+        sel = v[(v >= lo) & (v <= hi)]
+        ax.vlines(sel, 0, 1, color="#4c72b0")
+        ax.set(xlim=(lo - 0.02 * (hi - lo), hi), ylim=(0, 1.3), yticks=[], title=f"E4M3 {label}")
+        ax.set_xticks(sel if len(sel) <= 13 else sel[::2])
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+    axes[1].axvline(448, color="#c44e52", ls="--")
+    axes[1].text(448, 1.05, "max 448 (no inf)", color="#c44e52", ha="right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_granularity_errors(errors: Mapping[str, float], title: str = "") -> Figure:
+    """Bars: relative quantisation error (%) per scaling granularity."""
+    names = list(errors)
+    return plot_bars(names, [100 * errors[n] for n in names], xlabel="relative error ||x - dq(q(x))|| / ||x|| (%)",
+                     title=title)
+
+
+def plot_accumulation(rows: Sequence[Mapping[str, float]], committed: Mapping[str, Any] | None = None,
+                      v3_error: float = 0.02) -> Figure:
+    """Max relative error (%) against K, without and with promotion: live rows, committed `by_k` dashed."""
+    fig, ax = new_figure(5.5, 3.0)
+    for key, color in (("no_promotion", "#c44e52"), ("promotion", "#4c72b0")):
+        ks = sorted({r["k"] for r in rows})
+        ax.plot(ks, [100 * max(r[key] for r in rows if r["k"] == k) for k in ks], "o-", color=color,
+                label=f"{key.replace('_', ' ')} (this run)")
+        if committed:
+            kk = sorted(int(k) for k in committed)
+            ax.plot(kk, [100 * committed[str(k)][key]["mean"] for k in kk], "--", color=color, alpha=0.6,
+                    label=f"{key.replace('_', ' ')} (committed JSON)")
+    ax.axhline(100 * v3_error, color="gray", ls=":", label="V3: nearly 2% at K = 4096")
+    ax.set(xscale="log", yscale="log", xlabel="K (inner dimension)", ylabel="max relative error (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fp8_training(rel_err: Mapping[str, Sequence[float]], spread: Sequence[float] | None = None,
+                      bound: float = 0.0025, title: str = "") -> Figure:
+    """Relative loss error (%) against step per variant, with the seed spread and V3's bound."""
+    fig, ax = new_figure(6.0, 3.0)
+    for (name, curve), color in zip(rel_err.items(), ("#4c72b0", "#c44e52", "#55a868")):
+        ax.plot(range(len(curve)), [100 * v for v in curve], color=color, label=name)
+    if spread is not None:
+        ax.plot(range(len(spread)), [100 * v for v in spread], color="gray", alpha=0.7, label="seed spread (FP32 vs FP32)")
+    ax.axhline(100 * bound, color="black", ls=":", label="V3: < 0.25%")
+    ax.set(yscale="log", xlabel="step", ylabel="relative loss error (%)", title=title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fp8_linear_diagram() -> Figure:
+    """The three GEMMs of an FP8 linear layer (V3 Fig. 6), with the granularity of each FP8 input."""
+    fig, ax = new_figure(7.0, 3.0)
+    ax.set_axis_off()
+    ax.set(xlim=(0, 10), ylim=(0, 6))
+    boxes = {
+        "x (fp32/bf16)": (0.2, 4.6), "q: 1x128 tiles": (2.4, 4.6), "W master (fp32)": (0.2, 2.6),
+        "q: 128x128 blocks": (2.4, 2.6), "Fprop GEMM\ny = x W^T": (5.2, 4.6), "Dgrad GEMM\ndx = dy W": (5.2, 2.6),
+        "Wgrad GEMM\ndW = dy^T x": (5.2, 0.6), "dy: 1x128 tiles (dgrad)\n128x1 tiles (wgrad)": (7.6, 2.6),
+        "x: 128x1 tiles": (2.4, 0.6),
+    }
+    for text, (x, y) in boxes.items():
+        fp8 = text.startswith(("q:", "dy:", "x: 128"))
+        ax.add_patch(mpatches.FancyBboxPatch((x, y), 2.1, 0.9, boxstyle="round,pad=0.05",
+                                             fc="#fde2e4" if fp8 else ("#dfe7fd" if "GEMM" in text else "#e2ece9"),
+                                             ec="gray"))
+        ax.text(x + 1.05, y + 0.45, text, ha="center", va="center", fontsize=7)
+    for (x0, y0), (x1, y1) in (((2.3, 5.05), (2.4, 5.05)), ((4.5, 5.05), (5.2, 5.05)), ((2.3, 3.05), (2.4, 3.05)),
+                               ((4.5, 3.05), (5.2, 3.05)), ((4.5, 3.3), (5.2, 4.8)), ((7.6, 3.05), (7.3, 3.05)),
+                               ((7.6, 2.8), (7.3, 1.05)), ((1.25, 4.6), (2.4, 1.3)), ((4.5, 1.05), (5.2, 1.05))):
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "color": "gray"})
+    ax.text(0.2, 5.8, "pink: E4M3 inputs with their scales; blue: GEMMs accumulating in FP32 (promotion every 128)",
+            fontsize=7)
+    return fig
+
+
+def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, Any],
+                      granularity: Mapping[str, Any]) -> str:
+    """A markdown table of V3's FP8 numbers beside the committed benchmark JSONs'."""
+    import torch
+    at = accumulation["by_k"]["4096"]
+    fin = training["final_rel_loss_error"]
+    g = granularity["mean_rel_error"]["b128"]
+    rows = [
+        ("E4M3 max / E5M2 max", "448 / 57344", (f"{torch.finfo(torch.float8_e4m3fn).max:g} / "
+         f"{torch.finfo(torch.float8_e5m2).max:g} (`torch.finfo`)")),
+        ("max relative error, K = 4096, no promotion", "nearly 2%", f"{100 * at['no_promotion']['mean']:.2f}% (emulated, 14 bits)"),
+        ("... with promotion every N_C = 128", "removed", f"{100 * at['promotion']['max']:.3f}%"),
+        ("relative loss error, FP8 vs higher precision", "< 0.25%", f"{100 * fin['fp8']['max']:.3f}% (max over seeds)"),
+        ("... tensorwise scaling, same runs", "(not reported)", f"{100 * fin['fp8-tensorwise']['mean']:.3f}% (mean)"),
+        ("seed-to-seed spread (FP32 vs FP32)", "(not reported)", f"{100 * training['final_seed_spread']:.3f}%"),
+        ("activation error: tensorwise vs 1x128", "(motivation)", f"{100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}%"),
+    ]
+    lines = ["| quantity | DeepSeek-V3 | ours |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+# --- chapter 09: GPU kernels ---
+
+H200_DATASHEET = {"hbm_Bps": 4.8e12, "bf16_flops": 989.5e12, "fp8_flops": 1978.9e12}
+
+
+def h200_ceilings(results_dir: Any) -> dict[str, Any]:
+    """Ceilings of the project's H200 from committed JSON, each with where it came from.
+
+    Prefers `kernels_h200.json` (copy, BF16 matmul and `_scaled_mm` blockwise measured in one run);
+    else the copy bandwidth of `mla_decode_h200.json` and the BF16 matmul of `moe_layer_h200.json`;
+    whatever no file measured comes from `H200_DATASHEET`, marked "datasheet".
+    """
+    import json
+    from pathlib import Path
+
+    d = Path(results_dir)
+    out: dict[str, Any] = {}
+    k = d / "kernels_h200.json"
+    if k.exists():
+        c = json.loads(k.read_text())["ceilings"]
+        out["hbm_Bps"] = (c["device_copy"]["Bps"]["median"], "measured, kernels_h200.json")
+        out["bf16_flops"] = (c["bf16_matmul"]["flops_per_s"]["median"], "measured, kernels_h200.json")
+        if "flops_per_s" in c["scaled_mm_blockwise"]:
+            out["fp8_flops"] = (c["scaled_mm_blockwise"]["flops_per_s"]["median"], "measured, kernels_h200.json")
+    else:
+        m, e = d / "mla_decode_h200.json", d / "moe_layer_h200.json"
+        if m.exists():
+            gbps = json.loads(m.read_text())["ceilings"]["device_copy"]["GBps"]["median"]
+            out["hbm_Bps"] = (gbps * 1e9, "measured copy, mla_decode_h200.json")
+        if e.exists():
+            flops = json.loads(e.read_text())["peak_bf16_matmul"]["flops_per_s"]["median"]
+            out["bf16_flops"] = (flops, "measured 8192^3 matmul, moe_layer_h200.json")
+    for key, value in H200_DATASHEET.items():
+        out.setdefault(key, (value, "datasheet"))
+    return out
+
+
+def plot_roofline(ceilings: dict[str, Any], points: Sequence[tuple[str, float, str]] = (),
+                  measured: Sequence[tuple[str, float, float]] = (), ax: Any = None) -> Figure:
+    """Roofline: attainable FLOP/s = min(peak, bandwidth x intensity), log-log, BF16 and FP8 roofs.
+
+    Args:
+        ceilings: from `h200_ceilings` (name -> (value, source)).
+        points: (label, FLOP/byte, colour) drawn as vertical lines: where a kernel sits, not a measurement.
+        measured: (label, FLOP/byte, FLOP/s) measured points (none until the GPU run is committed).
+    """
+    fig, ax = _figure_of(ax, 7.0, 3.6)
+    bw, bw_src = ceilings["hbm_Bps"]
+    x = np.logspace(-1, 3.5, 200)
+    for key, style, name in (("bf16_flops", "-", "BF16"), ("fp8_flops", "--", "FP8")):
+        peak, src = ceilings[key]
+        ax.plot(x, np.minimum(peak, bw * x) / 1e12, style, color="#333333", lw=1.3,
+                label=f"{name} roof: {peak / 1e12:.0f} TFLOP/s ({src})")
+        ax.axvline(peak / bw, color="#999999", lw=0.6, ls=":")
+    for label, ai, color in points:
+        ax.axvline(ai, color=color, lw=1.5, alpha=0.8)
+        ax.text(ai * 1.07, 1.0, label, rotation=90, fontsize=7, color=color, va="bottom")
+    for label, ai, flops in measured:
+        ax.plot([ai], [flops / 1e12], "o", ms=5, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte of memory traffic)",
+           ylabel="TFLOP/s", title=f"H200 roofline; memory {bw / 1e12:.2f} TB/s ({bw_src})", ylim=(0.3, 3000))
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_quant_layouts(C: int = 512, R: int = 64, block: int = 128) -> Figure:
+    """Diagram: 1 x 128 activation tiles, 128 x 128 weight blocks, and one token's FP8 MLA cache row."""
+    fig, (a1, a2, a3) = new_figure(10.0, 2.8, ncols=3, gridspec_kw={"width_ratios": [1.2, 1.0, 1.8]})
+    for i in range(4):  # activations: 4 tokens x 512 channels, one scale per 1 x 128
+        for j in range(4):
+            a1.add_patch(mpatches.Rectangle((j * block, 3 - i), block, 0.9, color=TOKEN_COLORS[(i + j) % 6], ec="k"))
+            a1.text(j * block + block / 2, 3.45 - i, f"s[{i},{j}]", ha="center", va="center", fontsize=6)
+    a1.set(xlim=(0, 4 * block), ylim=(0, 4), title="activations: 1 x 128 tiles", xlabel="channel", ylabel="token")
+    for i in range(3):  # weight: 384 x 384, one scale per 128 x 128
+        for j in range(3):
+            a2.add_patch(mpatches.Rectangle((j, 2 - i), 1, 1, color=TOKEN_COLORS[(i * 3 + j) % 6], ec="k"))
+            a2.text(j + 0.5, 2.5 - i, f"s[{i},{j}]", ha="center", va="center", fontsize=7)
+    a2.set(xlim=(0, 3), ylim=(0, 3), title="weights: 128 x 128 blocks", xticks=[], yticks=[])
+    parts = [(f"{C} x E4M3 latent", C, "#dfe7fd"), (f"{C // block} x FP32 scales", 4 * (C // block), "#fde2e4"),
+             (f"{R} x BF16 rotary", 2 * R, "#e2ece9")]
+    x0 = 0
+    for label, nbytes, color in parts:
+        a3.add_patch(mpatches.Rectangle((x0, 0), nbytes, 1, color=color, ec="k"))
+        narrow = nbytes < 60  # too thin to hold its label: write it above the bar
+        a3.text(x0 + nbytes / 2, 1.25 if narrow else 0.5, f"{label}\n{nbytes} B", ha="center", va="center", fontsize=7)
+        x0 += nbytes
+    a3.set(xlim=(0, x0), ylim=(0, 1.6), yticks=[], xlabel="byte", title=f"FP8 MLA cache: {x0} bytes per token per layer")
+    fig.tight_layout()
+    return fig
+
+
+# --- chapter 11: systems ---
+
+PIPELINE_COLORS = {"F": "#4C72B0", "B": "#DD8452", "Bi": "#E8A97A", "W": "#55A868", "FB": "#8172B2"}
+
+
+def plot_pipeline_timeline(events: Sequence[tuple[int, float, float, str, int]], title: str = "",
+                           ax: Any = None, label_microbatches: bool = True) -> Figure:
+    """Per-rank timeline of a pipeline schedule: one row per rank, one bar per operation.
+
+    Args:
+        events: (rank, start, end, kind, microbatch) with kind in F, B, Bi, W, FB
+            (`deepseek_edu.parallel.pipeline.Timeline.as_tuples()`).
+    """
+    fig, ax = _figure_of(ax, 9.0, 0.4 * (1 + max(e[0] for e in events)) + 1.2)
+    for rank, start, end, kind, mb in events:
+        ax.barh(rank, end - start, left=start, color=PIPELINE_COLORS[kind], edgecolor="white", height=0.8)
+        if label_microbatches and end - start >= 0.8:
+            ax.text((start + end) / 2, rank, str(mb), ha="center", va="center", fontsize=6, color="white")
+    ax.invert_yaxis()
+    ax.set_ylabel("rank")
+    ax.set_xlabel("time (units of the durations)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    names = {"F": "forward", "B": "backward", "Bi": "backward (input)", "W": "backward (weights)",
+             "FB": "overlapped F&B"}
+    kinds = sorted({e[3] for e in events}, key=list(PIPELINE_COLORS).index)
+    ax.legend(handles=[mpatches.Patch(color=PIPELINE_COLORS[k], label=names[k]) for k in kinds],
+              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(kinds), fontsize=7, frameon=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gpu_loads(loads: Mapping[str, Sequence[float]], title: str = "", ax: Any = None) -> Figure:
+    """Grouped bars of tokens per GPU, one group per GPU, one bar per placement (label -> (G,) loads)."""
+    fig, ax = _figure_of(ax, 6.5, 3.0)
+    n = len(loads)
+    width = 0.8 / n
+    for i, (label, values) in enumerate(loads.items()):
+        values = _to_numpy(values)
+        ax.bar(np.arange(len(values)) + (i - (n - 1) / 2) * width, values, width=width,
+               label=f"{label} (max/mean {values.max() / values.mean():.2f})")
+        ax.axhline(values.mean(), color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("GPU")
+    ax.set_ylabel("tokens")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# --- chapters 05-07: MTP, the tiny DeepSeek, pre-training ---
 
 def figure_png(fig: Figure) -> bytes:
     """The PNG bytes of `fig` as Jupyter's inline backend draws it (figure DPI, tight bounding box)."""
@@ -1489,25 +1393,6 @@ def png_bundle(fig: Figure, alt: str) -> tuple[dict[str, str], dict[str, dict[st
         "text/plain": f"<Figure: {alt.strip()}>",
     }
     return data, {"image/png": {"alt": alt.strip()}}
-
-
-def show(fig: Figure, alt: str) -> None:
-    """Display `fig` as a static PNG with alternative text `alt` (one sentence: what the figure shows).
-
-    Use it instead of ending a cell with the figure: `viz.show(fig, alt="Validation loss falls below
-    the unigram entropy after 100 steps")`. The figure is closed in pyplot, so it appears once.
-
-    Raises:
-        ValueError: when `alt` is empty.
-    """
-    from IPython.display import display
-
-    data, metadata = png_bundle(fig, alt)
-    plt.close(fig)
-    display(data, raw=True, metadata=metadata)
-
-
-# --- chapters 05-07: MTP, the tiny DeepSeek, pre-training ------------------------------------------------
 
 
 def plot_pretraining(history: Sequence[Mapping[str, Any]], loads: Any, last: int = 40) -> Figure:
@@ -1636,6 +1521,69 @@ def plot_mtp_diagram(cfg: Any) -> Figure:
     ax.set_ylim(-0.3, 5.2)
     ax.axis("off")
     return fig
+
+
+# --- chapter 10: GRPO ---
+
+_GRPO_BOX_W, _GRPO_BOX_H = 0.25, 0.17
+_GRPO_BOXES = {
+    "prompts": ("P prompts q\n`task.problems(P, 'train')`", 0.08, 0.78, "#e2ece9"),
+    "policy": ("policy π_θ (= π_old while sampling)\ntiny DeepSeek `Transformer`", 0.40, 0.78, "#dfe7fd"),
+    "samples": ("G responses per prompt, (P·G, T)\n`sample_responses` + stored log π_old", 0.72, 0.78, "#dfe7fd"),
+    "rewards": ("rule rewards r, (P·G,)\n`score_responses`: accuracy + 0.1·format", 0.72, 0.46, "#fff1c1"),
+    "adv": ("group advantages Â, (P·G,)\n`group_advantages(r, group_ids)`", 0.40, 0.46, "#fff1c1"),
+    "loss": ("clipped surrogate + β·k3 KL\n`policy_loss` (min(ρÂ, clip(ρ)Â))", 0.40, 0.14, "#fde2e4"),
+    "ref": ("frozen reference π_ref\n(the SFT model) `response_logprobs`", 0.72, 0.14, "#e8dff5"),
+    "update": ("AdamW step, μ per batch\n`grpo_train`", 0.08, 0.14, "#fde2e4"),
+}
+
+
+_GRPO_ARROWS = [("prompts", "policy"), ("policy", "samples"), ("samples", "rewards"), ("rewards", "adv"),
+                ("adv", "loss"), ("ref", "loss"), ("loss", "update"), ("update", "policy")]
+
+
+def grpo_loop_entries() -> list[tuple[str, str]]:
+    """(box key, label) of the GRPO loop diagram, in drawing order."""
+    return [(k, v[0]) for k, v in _GRPO_BOXES.items()]
+
+
+def plot_grpo_loop() -> Figure:
+    """The GRPO loop of `grpo.grpo_train` as boxes and arrows, with the package's names and shapes.
+
+    DeepSeekMath §4.1 (Fig. 4) / R1 §2.2: sample a group per prompt, score by rules, advantages
+    inside each group, clipped objective with a KL penalty to a frozen reference, update, repeat.
+    """
+    fig = plt.figure(figsize=(9.0, 4.0), dpi=FIG_DPI)
+    plt.close(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(-0.07, 0.87)
+    ax.set_ylim(-0.02, 0.98)
+    ax.axis("off")
+    w, h = _GRPO_BOX_W, _GRPO_BOX_H
+    for src, dst in _GRPO_ARROWS:
+        (_, x0, y0, _), (_, x1, y1, _) = _GRPO_BOXES[src], _GRPO_BOXES[dst]
+        dx, dy = x1 - x0, y1 - y0
+        t = min(w / 2 / abs(dx) if dx else float("inf"), h / 2 / abs(dy) if dy else float("inf"))
+        ax.annotate("", xy=(x1 - t * dx, y1 - t * dy), xytext=(x0 + t * dx, y0 + t * dy),
+                    arrowprops={"arrowstyle": "-|>", "color": "#555555", "lw": 1.2, "shrinkA": 2, "shrinkB": 2})
+    for label, x, y, color in _GRPO_BOXES.values():
+        ax.add_patch(mpatches.FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.01,rounding_size=0.02",
+                                             fc=color, ec="#555555", lw=0.8, zorder=2))
+        ax.text(x, y, label, ha="center", va="center", fontsize=7.5, zorder=3, linespacing=1.3)
+    ax.text(0.40, 0.955, "One GRPO step (grpo_train): sample a group, score by rules, compare inside the group, "
+            "update", ha="center", va="top", fontsize=9.5)
+    return fig
+
+
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over `window` values (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def plot_grpo_run(history: Sequence[Mapping[str, float]], evals: Sequence[Mapping[str, float]],
                   n_eval: int | None = None, title: str = "") -> Figure:
     """Four panels of one GRPO run (`GRPOResult.history`, `.evals`): batch reward and accuracy (5-step
