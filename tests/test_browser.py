@@ -156,10 +156,11 @@ def test_chapter_runs_in_jupyterlab_in_chromium(chapter: str, tmp_path: Path) ->
             page.screenshot(path=str(ARTIFACTS / f"{chapter}-run-all.png"), full_page=False)
             assert not state["errors"], f"error outputs: {state['errors']}"
 
-            # An ipywidgets control that responds: the explorer's Output widget fills with a new figure.
-            outputs = page.locator(".widget-output")
-            assert outputs.count() > 0, "no ipywidgets Output (explorer) rendered"
-            before = page.locator(".widget-output img").count()
+            # An ipywidgets control that responds: moving it redraws the explorer's figure in place
+            # (`viz.explorer` replaces its static output by display id), so some image changes.
+            assert page.locator(".jupyter-widgets").count() > 0, "no ipywidgets control rendered"
+            images = "() => Array.from(document.querySelectorAll('.jp-OutputArea-output img')).map(i => i.src)"
+            before = page.evaluate(images)
             dropdown = page.locator(".widget-dropdown select")
             if dropdown.count() > 0:
                 dropdown.first.scroll_into_view_if_needed()
@@ -173,9 +174,9 @@ def test_chapter_runs_in_jupyterlab_in_chromium(chapter: str, tmp_path: Path) ->
                 handle.scroll_into_view_if_needed()
                 handle.focus()
                 page.keyboard.press("ArrowRight")
-            page.wait_for_function(f"() => document.querySelectorAll('.widget-output img').length > {before}",
-                                   timeout=60_000)
-            page.locator(".widget-output img").first.scroll_into_view_if_needed()
+            page.wait_for_function(
+                "before => JSON.stringify(Array.from(document.querySelectorAll('.jp-OutputArea-output img'))"
+                ".map(i => i.src)) !== JSON.stringify(before)", arg=before, timeout=60_000)
             page.screenshot(path=str(ARTIFACTS / f"{chapter}-widget-moved.png"))
 
             if has_plotly:
