@@ -70,7 +70,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
-from _common import machine_info, now_utc, summarize, synchronize, time_repeats, write_json  # noqa: E402
+from _common import machine_info, now_utc, summarize, time_repeats, write_json  # noqa: E402
 
 from deepseek_edu.attention import Attention, KVCache  # noqa: E402
 from deepseek_edu.config import ModelConfig, get_preset  # noqa: E402
@@ -203,7 +203,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 * 2**30, repeats: int =
     """Device-to-device copy of `nbytes` (random data): (read + write) bytes per second."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    timing = time_repeats(lambda: dst.copy_(src), device, repeats=repeats, warmup=3)
+    timing = time_repeats(lambda: dst.copy_(src), device, repeats=repeats, warmup=3)  # noqa: F821 (deleted later; ruff reads the del as unbinding)
     out = {"bytes_copied": nbytes, "GBps": summarize([2 * nbytes / s / 1e9 for s in timing.samples_s], "GB/s"),
            "formula": FORMULAS["copy_GBps"]}
     del src, dst
@@ -302,7 +302,7 @@ def bench_config(kinds: list[str], cfgs: dict[str, ModelConfig], modules: dict[s
                 counter = [0]
 
                 def step(k: str = k, impl: str | None = impl, counter: list[int] = counter) -> Tensor:
-                    cache = caches[counter[0] % len(caches)]
+                    cache = caches[counter[0] % len(caches)]  # noqa: F821 (deleted later; ruff reads the del as unbinding)
                     counter[0] += 1
                     cache.length = ctx  # every step sees exactly ctx cached positions
                     return module(x, freqs, cache) if impl is None else module(x, freqs, cache, impl=impl)

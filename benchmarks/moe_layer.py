@@ -59,8 +59,9 @@ import argparse
 import os
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -243,17 +244,17 @@ def bench_layout(name: str, layout: tuple[int, int, int, int], args: argparse.Na
     grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
     tokens = batch * args.seq_len
     variants = {
-        "dense": (lambda: dense(x), [x, *dense.parameters()]),
-        "moe": (lambda: moe(x).y, [x, *moe.parameters()]),
+        "dense": (lambda: dense(x), [x, *dense.parameters()]),  # noqa: F821 (deleted later; ruff reads the del as unbinding)
+        "moe": (lambda: moe(x).y, [x, *moe.parameters()]),  # noqa: F821 (deleted later; ruff reads the del as unbinding)
     }
     loop = MoE(cfg).to(device=device, dtype=dtype).train()
     loop.load_state_dict(moe.state_dict())
     loop.dispatch_impl = "loop"
-    variants["moe-loop"] = (lambda: loop(x).y, [x, *loop.parameters()])
+    variants["moe-loop"] = (lambda: loop(x).y, [x, *loop.parameters()])  # noqa: F821 (deleted later; ruff reads the del as unbinding)
     v0 = MoE(cfg).to(device=device, dtype=dtype).train()
     v0.load_state_dict(moe.state_dict())
     v0.dispatch = types.MethodType(dispatch_v0, v0)
-    variants["moe-v0"] = (lambda: v0(x).y, [x, *v0.parameters()])
+    variants["moe-v0"] = (lambda: v0(x).y, [x, *v0.parameters()])  # noqa: F821 (deleted later; ruff reads the del as unbinding)
 
     # Same function: the current dispatch and v0 give the same output (fp32: 1e-5; bf16: rounding).
     with torch.no_grad():

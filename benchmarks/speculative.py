@@ -52,7 +52,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # deepseek_edu without installing it
 
 from _common import (  # noqa: E402
-    command_line, machine_info, machine_load, now_utc, summarize, synchronize, time_repeats, write_json,
+    command_line,
+    machine_info,
+    machine_load,
+    now_utc,
+    summarize,
+    time_repeats,
+    write_json,
 )
 
 from deepseek_edu.config import TrainConfig, get_preset  # noqa: E402

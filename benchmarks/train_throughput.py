@@ -129,7 +129,7 @@ class Schedule:
     matmul_inner: int
 
     @classmethod
-    def make(cls, device: torch.device, quick: bool) -> "Schedule":
+    def make(cls, device: torch.device, quick: bool) -> Schedule:
         if quick:
             return cls(train_warmup=1, train_repeats=2, train_steps=1, large_repeats=2, large_steps=1,
                        gen_warmup=1, gen_repeats=2, gen_repeats_uncached=2, gen_warmup_uncached=1,

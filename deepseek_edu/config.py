@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Self
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
@@ -521,7 +521,7 @@ class GRPOConfig(_ConfigDict):
             raise ValueError("invalid GRPOConfig: " + "; ".join(e))
 
     @classmethod
-    def for_variant(cls, variant: str, **changes: Any) -> "GRPOConfig":
+    def for_variant(cls, variant: str, **changes: Any) -> GRPOConfig:
         """The config with each variant's paper settings: DAPO clips at (0.2, 0.28) and drops the KL
         term (beta 0); "grpo" and "dr_grpo" keep the defaults. `changes` override either."""
         preset: dict[str, Any] = {"dapo": {"clip_eps_high": 0.28, "beta": 0.0}}.get(variant, {})

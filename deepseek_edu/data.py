@@ -275,4 +275,4 @@ def cross_entropy_unigram(train: Tensor, val: Tensor, vocab_size: int) -> float:
     return float(-q.log()[val.long()].mean())
 
 # Verifiable task generators for RL (notebook 10) live in tasks.py; re-exported here.
-from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: F401
+from .tasks import ArithmeticTask, CharTokenizer, CountdownTask, Problem, make_task  # noqa: E402, F401

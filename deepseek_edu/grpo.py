@@ -23,7 +23,7 @@ divided by a *constant* (the response budget). DAPO (Yu et al. 2025) clips asymm
 of the batch (each token counts once, whatever its output's length), and drops groups whose
 rewards are all equal (their advantages are 0: they only dilute the batch).
 
-Traps this module is written against (FAULTS kinds G, H, I; tests/test_grpo.py):
+Traps this module is written against (docs/pitfalls.md kinds G, H, I; tests/test_grpo.py):
 
 * advantages per *prompt*, from a group-id tensor (prompts may be interleaved), never per batch; a
   group whose rewards are all equal gets exactly 0, never 0/0;

@@ -22,7 +22,7 @@ Everything else is a small, named step around that table:
   `mlp.experts.gate_up_proj` (E, 2I, D) = [gate; up] and `mlp.experts.down_proj` (E, D, I); its
   `save_pretrained` writes them back as one tensor per expert. `to_hf` / `from_hf` fuse and split
   only when the installed model has them.
-- **RoPE layout** (FAULTS.md kind C). Our rotary pairs are adjacent channels (x[2j], x[2j+1]),
+- **RoPE layout** (docs/pitfalls.md kind C). Our rotary pairs are adjacent channels (x[2j], x[2j+1]),
   DeepSeek's layout. `DeepseekV3Config.rope_interleave=True` (its default, and what we write) reads
   the same layout, and V2 rotates complex pairs as we do, so the weights are copied unchanged. With
   `rope_interleave=False` transformers pairs channel j with j + R/2 (Llama's `rotate_half`); then

@@ -7,7 +7,7 @@ DeepSeekMoE §3, DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2; the survey's §III-B.
 **Fine-grained segmentation**: many small experts (width `moe_inter_dim`), K of them active per
 token, instead of a few large ones. **Shared experts** see every token and hold common knowledge.
 
-**The gate** (`Gate`), where public implementations most often go wrong (FAULTS.md kind A):
+**The gate** (`Gate`), where public implementations most often go wrong (docs/pitfalls.md kind A):
 
 1. affinities s = sigmoid(u . e_i) (V3) or softmax (V2), computed in fp32;
 2. a per-expert bias b, used **only to choose**: the top-K is taken over s + b;

@@ -22,7 +22,7 @@ embedding first, and so does this module, so that those weights load as they are
 (`ModelOutput.hidden`). Inference engines that take the hidden state after the final norm differ only
 by that norm's per-channel gain, which `hnorm` re-normalises; the choice is a convention.
 
-**Positions and targets** (FAULTS kind E). For input tokens t_0..t_{S-1} and the usual next-token
+**Positions and targets** (pitfalls kind E). For input tokens t_0..t_{S-1} and the usual next-token
 targets y (y_i = t_{i+1}, i = 0..S-1), depth k runs on the S - k positions i = 0..S-k-1 (position i
 needs t_{i+k}, the last input token is t_{S-1}) and its targets are y[:, k:] = t_{k+1}..t_S. Nothing
 wraps around: the last k positions of a window simply have no depth-k prediction (`torch.roll` here

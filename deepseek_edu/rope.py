@@ -5,7 +5,7 @@ pair i at position m turns by m * theta_i with theta_i = rope_theta^(-2i/R). A d
 rotated query at m and a rotated key at n then depends on m - n only.
 
 **Layout.** Which channels form a pair is a convention, and mixing conventions is a classic bug
-(FAULTS.md kind C). DeepSeek's `inference/model.py` pairs *adjacent* channels (x[2i], x[2i+1]) and
+(docs/pitfalls.md kind C). DeepSeek's `inference/model.py` pairs *adjacent* channels (x[2i], x[2i+1]) and
 views them as one complex number; `transformers`' Llama-style `rotate_half` pairs channel i with
 channel i + R/2. The two agree exactly after permuting the channels of the projection that
 produced the vector (`interleaved_to_half` / `half_to_interleaved`).

@@ -2,7 +2,7 @@
 
 *Tokenizer.* Byte-level BPE from the `tokenizers` library. Every string is first turned into
 UTF-8 bytes, so any Unicode text round-trips exactly: ``decode(encode(s)) == s``. Two traps
-(FAULTS kind J): one character may span several tokens, so decoding tokens one at a time yields
+(pitfalls kind J): one character may span several tokens, so decoding tokens one at a time yields
 broken UTF-8 (U+FFFD) -- stream with `IncrementalDecoder`; and a BOS must be added once, by the
 caller's request, never twice. Special tokens (ids 0..6) typed in the text, e.g. ``"<think>"``,
 become their special ids (the library default, which the reasoning chapters rely on); decoding

@@ -4,7 +4,7 @@ A training run is a deterministic function of its configs: the seed fixes the in
 `data.BatchSampler` makes the k-th batch a pure function of (seed, k), and on a CPU every kernel
 is deterministic. So "resume" can have a strict meaning here: 6 straight steps and 3 steps, a
 checkpoint, a fresh process, and 3 more steps must give *bitwise* the same parameters, optimizer
-moments and losses (FAULTS kind K; tests/test_train.py). That only holds if the checkpoint holds
+moments and losses (pitfalls kind K; tests/test_train.py). That only holds if the checkpoint holds
 everything the next step reads:
 
 * the weights -- with tied tensors written once (safetensors refuses two names for one storage)

@@ -11,7 +11,7 @@ Checks:
 - cache elements per token = 2 * kv_heads * head_dim (DeepSeek-V2 Table 1) for each kind;
 - causality: changing a future token never changes earlier outputs;
 - decoding from the cache (token by token and in chunks) equals the stateless forward;
-- scale errors (FAULTS D): the scale is checked at positions >= 1, where it matters (position 0
+- scale errors (pitfalls kind D): the scale is checked at positions >= 1, where it matters (position 0
   attends to a single key, so any scale gives the same output there), also with YaRN's mscale^2.
 """
 
@@ -237,7 +237,7 @@ def test_cached_decoding_equals_stateless_forward(kind):
         _close(torch.cat(outs, 1), full, what=f"{kind} chunks {chunks}:")
 
 
-# --- the softmax scale (FAULTS D) ----------------------------------------------------------------
+# --- the softmax scale (pitfalls kind D) ----------------------------------------------------------------
 
 def test_scale_is_visible_only_after_position_0():
     cfg = _cfg("mha")

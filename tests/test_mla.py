@@ -6,13 +6,13 @@ Dv, C including N = 0, batch > 1):
 - the absorbed path equals the naive path (fp32, 1e-5), without a cache and with one, and both
   equal an independent float64 reference written here from DeepSeek-V2's equations (per-head
   explicit up-projection of keys and values, explicit mask and softmax, scale 1/sqrt(N+R)·mscale²);
-- FAULTS kind E (positions): a full forward = prefill + token-by-token decoding = chunked prefill
+- pitfalls kind E (positions): a full forward = prefill + token-by-token decoding = chunked prefill
   on a warm cache (chunks 5, 1, 7, 3), all-position logits within 1e-5, for impl naive / absorbed /
   auto, and with the paths (and the default) sharing one cache; causality with and without a cache;
-- FAULTS kind D (scale): the softmax scale is 1/sqrt(N+R) (not 1/sqrt(C), 1/sqrt(N), 1/sqrt(N+R+Dv)),
+- pitfalls kind D (scale): the softmax scale is 1/sqrt(N+R) (not 1/sqrt(C), 1/sqrt(N), 1/sqrt(N+R+Dv)),
   times mscale² under YaRN (hand-computed); every wrong scale is caught at positions >= 1, while
   position 0 (one key, softmax = 1) is blind to it;
-- FAULTS kind C (layout): q_pe / k_pe rotate interleaved pairs; permuting the rotary rows of
+- pitfalls kind C (layout): q_pe / k_pe rotate interleaved pairs; permuting the rotary rows of
   wq(_b) and wkv_a with `interleaved_to_half` and rotating half-split pairs gives the same output;
 - the latent cache holds exactly C + R numbers per token per layer: the normalised latent
   kv_norm(wkv_a(x)[..., :C]) and the already-rotated shared rotary key (wkv_a has C + R outputs,
@@ -235,7 +235,7 @@ def test_auto_is_naive_without_cache_and_absorbed_with_one():
     assert calls == ["_attend_naive", "_attend_absorbed", "_attend_naive"]
 
 
-# --- FAULTS E: full forward = prefill + decoding = chunked prefill, for the whole model ------------------
+# --- pitfalls kind E: full forward = prefill + decoding = chunked prefill, for the whole model ------------------
 
 
 @pytest.mark.parametrize("name", ["no_q_lora", "yarn_q_lora", "odd_widths"])
@@ -345,7 +345,7 @@ def test_model_cache_size(dtype):
     assert cache.nbytes == 3 * 20 * per_token * cfg.n_layers * (4 if dtype == torch.float32 else 2)
 
 
-# --- FAULTS D: the softmax scale ----------------------------------------------------------------------------
+# --- pitfalls kind D: the softmax scale ----------------------------------------------------------------------------
 
 
 def test_softmax_scale_hand_computed():
@@ -390,7 +390,7 @@ def test_wrong_scale_is_caught_at_positions_after_zero(name, impl):
         mla.softmax_scale = right
 
 
-# --- FAULTS C: rotary layout ---------------------------------------------------------------------------
+# --- pitfalls kind C: rotary layout ---------------------------------------------------------------------------
 
 
 def _to_half_split(weights: dict, cfg: ModelConfig) -> dict:

@@ -1,15 +1,15 @@
 """Tests of deepseek_edu.model: the Transformer, its cache, outputs, errors and trainability.
 
 Checks:
-- position / off-by-one (FAULTS E): a full forward = prefill + token-by-token decoding = chunked
+- position / off-by-one (pitfalls kind E): a full forward = prefill + token-by-token decoding = chunked
   prefill on a warm cache (chunks 5, 1, 7, ...) = rolled-back cache (truncate, re-feed), all-token
   and last-token logits within 1e-5 in fp32, for mha, gqa, mqa and mla, tied and untied;
 - causality of the whole model: a change at position t never moves the logits before t;
 - `forward` always returns a `ModelOutput` with the documented shapes and dtypes (also in bf16);
-- tied head (FAULTS C): the same tensor as the embedding (data_ptr), counted once by
+- tied head (pitfalls kind C): the same tensor as the embedding (data_ptr), counted once by
   `num_parameters`, and still tied after `load_state_dict`, `.to(dtype)` and an optimiser step;
   untied is two tensors;
-- dtype (FAULTS F): `.to(torch.float64)` / `.to(torch.bfloat16)` keep the complex rotary table
+- dtype (pitfalls kind F): `.to(torch.float64)` / `.to(torch.bfloat16)` keep the complex rotary table
   (a cast to a real dtype would keep only cos and silently drop position), so fp64 logits equal
   fp32 logits to 1e-5;
 - errors: token id out of range (negative and >= vocab_size, message names the id and
@@ -28,7 +28,7 @@ import torch
 from deepseek_edu.config import ModelConfig, get_preset
 from deepseek_edu.model import ModelOutput, Transformer
 
-FP32_TOL = dict(atol=1e-5, rtol=1e-5)  # FAULTS E: fp32 logits of O(1..10), same math in other chunks
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)  # pitfalls kind E: fp32 logits of O(1..10), same math in other chunks
 BF16_TOL = dict(atol=0.15, rtol=0.05)  # bf16 weights and activations through 2 blocks, logits O(5)
 
 KINDS = {
@@ -73,7 +73,7 @@ def _decode(model, tokens, chunks, cache=None):
     return torch.cat(outs, 1), cache
 
 
-# --- FAULTS E: full = prefill + decode = chunked --------------------------------------------------
+# --- pitfalls kind E: full = prefill + decode = chunked --------------------------------------------------
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -166,7 +166,7 @@ def test_dtype_cast_keeps_rotary_table_complex():
     _close(logits, out.logits, dict(atol=0.1, rtol=0.05), "bf16 cached vs bf16 full:")  # bf16 rounding in other shapes
 
 
-# --- tied embeddings (FAULTS C) --------------------------------------------------------------
+# --- tied embeddings (pitfalls kind C) --------------------------------------------------------------
 
 def test_tied_head_is_the_embedding():
     cfg = _cfg(tie_embeddings=True)

@@ -1,8 +1,8 @@
 """Tests of deepseek_edu.moe: the DeepSeekMoE gate, its balancing, and the MoE layer in the model.
 
 Checks:
-- routing semantics (FAULTS A), on small hand-computed cases:
-  - the FAULTS example (scores [0.9, 0.1, 0.5, 0.2], bias [-1, +1, 0, 0] -> experts {1, 2} with
+- routing semantics (pitfalls kind A), on small hand-computed cases:
+  - the pitfalls example (scores [0.9, 0.1, 0.5, 0.2], bias [-1, +1, 0, 0] -> experts {1, 2} with
     weights 1/6, 5/6 times route_scale) and other biased cases: the bias chooses, it never weighs;
   - masked groups are -inf, not 0: negative biased scores where a 0-fill would pick an expert of a
     dropped group (sigmoid + top2_sum and softmax + max);
@@ -12,14 +12,14 @@ Checks:
     without norm is probs x route_scale), and never on the shared expert;
   - exactly K distinct experts per token, all inside the kept groups;
   - impossible group layouts raise ValueError naming the fields (ModelConfig);
-  - the router works in fp32 (FAULTS F): logits that tie in bf16 but not in fp32 route as fp32 says;
+  - the router works in fp32 (pitfalls kind F): logits that tie in bf16 but not in fp32 route as fp32 says;
   - an independent per-token reference of the papers' equations (`_route_ref`, float64 python)
     agrees with `Gate` for sigmoid/softmax, groups on/off, top2_sum/max, norm on/off, nonzero bias;
   - `MoE` output = a per-token loop (shared + sum_k w_k expert_{i_k}(x)) to 1e-5 in fp32; the
     grouped `dispatch` calls each expert at most once per forward, only on the tokens routed to it;
   - the same weights in `transformers`' DeepseekV3MoE / DeepseekV3TopkRouter give the same experts,
     weights and outputs (sigmoid + top2_sum + norm only: that is all `transformers` implements).
-- balancing bookkeeping (FAULTS B):
+- balancing bookkeeping (pitfalls kind B):
   - `update_bias` hand cases (loads [10, 2, 2, 2], gamma 1e-3 -> [-g, +g, +g, +g]; ties to the mean
     do not move; equal loads do not move; overloaded goes down) and its errors;
   - the bias is fp32 and stays fp32 after `.to(torch.bfloat16)`; 1000 steps of 1e-3 reach 1.0;
@@ -34,7 +34,7 @@ Checks:
   - `ModelOutput.aux_loss` = sum over MoE layers of alpha x reference loss (0 when alphas are 0);
     `ModelOutput.expert_load` has one (E,) tensor per MoE layer summing to tokens x K;
 - a Transformer with a dense first layer then MoE gives the same logits from a full forward and
-  from a prefill + token-by-token decoding (FAULTS E) within 1e-5.
+  from a prefill + token-by-token decoding (pitfalls kind E) within 1e-5.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _assert_chosen(routing, n, expected: dict[int, float], what=""):
             f"{what}: expert {i} weight {got[i]} != {w}"
 
 
-# --- FAULTS A: the bias chooses, the unbiased scores weigh ---------------------------------------
+# --- pitfalls kind A: the bias chooses, the unbiased scores weigh ---------------------------------------
 
 def test_faults_example_bias_chooses_scores_weigh():
     gate, x = _gate_from_scores([[0.9, 0.1, 0.5, 0.2]], bias=[-1.0, 1.0, 0.0, 0.0],
@@ -122,7 +122,7 @@ def test_faults_example_bias_chooses_scores_weigh():
     routing = gate(x)
     _close(routing.scores, torch.tensor([[0.9, 0.1, 0.5, 0.2]]), WEIGHT_TOL, "scores")
     # biased: [-0.1, 1.1, 0.5, 0.2] -> {1, 2}; weights 0.1 / 0.6 and 0.5 / 0.6, times route_scale 2.5
-    _assert_chosen(routing, 0, {1: 2.5 / 6, 2: 2.5 * 5 / 6}, "FAULTS example")
+    _assert_chosen(routing, 0, {1: 2.5 / 6, 2: 2.5 * 5 / 6}, "pitfalls example")
     assert routing.weights.sum().item() == pytest.approx(2.5, abs=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_bias_never_leaks_into_weights_random():
         assert r.weights.dtype == r.scores.dtype == torch.float32 and r.indices.dtype == torch.int64
 
 
-# --- FAULTS A: group-limited routing --------------------------------------------------------------
+# --- pitfalls kind A: group-limited routing --------------------------------------------------------------
 
 def test_masked_groups_are_minus_inf_sigmoid_top2_sum():
     # 2 groups of 2, keep 1, top-2. All biased scores negative (bias -2): group sums A=-2.7, B=-3.1
@@ -288,7 +288,7 @@ def test_router_in_fp32_bf16_ties():
         assert r.scores[0, 0] > r.scores[0, 2] > r.scores[0, 3] > r.scores[0, 1]
 
 
-# --- FAULTS A: an independent reference of the equations ----------------------------------------
+# --- pitfalls kind A: an independent reference of the equations ----------------------------------------
 
 def _route_ref(x, weight, bias, cfg):
     """Per-token routing straight from the papers, in float64 python. Returns ([set], [{i: w}])."""
@@ -349,7 +349,7 @@ def test_gate_matches_per_token_reference(name):
         _assert_chosen(r, n, expected, name)
 
 
-# --- FAULTS A: the layer: output, shared expert, dispatch ----------------------------------------
+# --- pitfalls kind A: the layer: output, shared expert, dispatch ----------------------------------------
 
 def _moe(cfg, seed=3, std=0.3):
     """An MoE with weights large enough that outputs are O(1) (init_std 0.02 would make them ~1e-4)."""
@@ -515,7 +515,7 @@ def test_underflowed_sigmoid_scores_give_finite_weights():
     assert torch.isfinite(moe(x).y).all()
 
 
-# --- FAULTS A: transformers' DeepseekV3 as a second reference ------------------------------------
+# --- pitfalls kind A: transformers' DeepseekV3 as a second reference ------------------------------------
 
 def _hf_moe(moe, cfg):
     transformers = pytest.importorskip("transformers")
@@ -563,10 +563,10 @@ def test_matches_transformers_deepseek_v3(kw):
     _close(moe(x).y, hf(x), FP32_TOL, "vs transformers DeepseekV3MoE:")
 
 
-# --- FAULTS B: the bias update --------------------------------------------------------------------
+# --- pitfalls kind B: the bias update --------------------------------------------------------------------
 
 @pytest.mark.parametrize("load, signs", [
-    ([10, 2, 2, 2], [-1, 1, 1, 1]),  # the FAULTS example: mean 4
+    ([10, 2, 2, 2], [-1, 1, 1, 1]),  # the pitfalls example: mean 4
     ([0, 4, 4, 8], [1, 0, 0, -1]),  # at the mean: no move
     ([5, 5, 5, 5], [0, 0, 0, 0]),  # balanced: no move
     ([1, 0, 0, 0, 0, 0, 0, 7], [0, 1, 1, 1, 1, 1, 1, -1]),  # mean 1: expert 0 at the mean -> 0
@@ -678,7 +678,7 @@ def test_aux_gradient_reaches_gate_weight_and_matches_reference():
     _close(g, W.grad, dict(atol=1e-7, rtol=1e-5), "aux gradient:")
 
 
-# --- FAULTS B: accumulated load and the update schedule -----------------------------------------
+# --- pitfalls kind B: accumulated load and the update schedule -----------------------------------------
 
 def _one_hot_moe(**kw):
     """4 experts, top-1, gate = 10 I: token e_i goes to expert i."""
@@ -756,7 +756,7 @@ def test_transformer_update_router_biases_accumulates_micro_batches():
         assert moe.load_since_update.sum().item() == 0
 
 
-# --- FAULTS B: balance losses and MaxVio ---------------------------------------------------------
+# --- pitfalls kind B: balance losses and MaxVio ---------------------------------------------------------
 
 def test_sequence_balance_loss_hand_values():
     # B=1, T=2, E=2: P = mean([.75, .25], [.5, .5]) = [.625, .375]

@@ -1,6 +1,6 @@
 """Tests of deepseek_edu.mtp, the MTP wiring of model.Transformer, and MTP speculative decoding.
 
-Checks (FAULTS kind E wholesale: positions, shifts, off-by-one, caches):
+Checks (pitfalls kind E wholesale: positions, shifts, off-by-one, caches):
 
 * targets: exact arrays for depth 1 and 2 on a hand-made sequence (depth k at position i predicts
   t_{i+k+1}; the last k positions have none, nothing wraps around); depth >= S raises;
@@ -422,7 +422,7 @@ def test_eos_stops_like_plain_greedy(trained):
 @torch.no_grad()
 @pytest.mark.parametrize("n_draft", [1, 2])
 def test_caches_after_generation_hold_only_accepted_positions(trained, n_draft):
-    """Rollback (FAULTS E): each cache equals a fresh computation from the final tokens."""
+    """Rollback (pitfalls kind E): each cache equals a fresh computation from the final tokens."""
     model, stream = trained
     prompt = _prompt(stream, 2)
     out = speculative_generate(model, prompt, 30, n_draft=n_draft)

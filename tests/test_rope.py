@@ -4,14 +4,14 @@ Checks:
 - the interleaved layout, hand-computed for a 4-dim vector at positions 1 and 2 (pair (x0, x1)
   turns by theta_0 * m, pair (x2, x3) by theta_1 * m);
 - the relative-position property: q_m . k_n depends only on m - n;
-- layout at boundaries (FAULTS C): `interleaved_to_half` / `half_to_interleaved` round trip, and
+- layout at boundaries (pitfalls kind C): `interleaved_to_half` / `half_to_interleaved` round trip, and
   after the permutation `rotate_half_ref` and `transformers`' Llama `apply_rotary_pos_emb` give the
   same rotated vectors and the same scores as the interleaved rotation, also when the permutation
   is applied to the rows of a projection's weight (export to the half-split layout);
 - YaRN: inv_freq unchanged when the context is not extended; fast pairs kept and slow pairs divided
   by the factor, every pair checked against a hand computation with DeepSeek-V3's formula; equal
   to `transformers`' `_compute_yarn_parameters` (truncate=True) and its attention factor squared
-  equals the mscale^2 of `ModelConfig.softmax_scale` (FAULTS D);
+  equals the mscale^2 of `ModelConfig.softmax_scale` (pitfalls kind D);
 - shape errors raise ValueError.
 
 Differences with `transformers` found and pinned here: (1) `transformers` applies YaRN whenever
@@ -109,7 +109,7 @@ def test_relative_position_property():
     assert (scores[5, 0] - scores[5, 4]).abs() > 1e-3
 
 
-# --- layout at boundaries (FAULTS C) ------------------------------------------------------------
+# --- layout at boundaries (pitfalls kind C) ------------------------------------------------------------
 
 def test_permutation_round_trip_and_order():
     x = torch.arange(8.0)  # [a0, b0, a1, b1, a2, b2, a3, b3]

@@ -157,7 +157,7 @@ def test_cuda_grouped_linear_split_gradient_and_compiled_model():
         (y * g).sum().backward()
         for got, ref, what in ((y, ref_y, "y"), (x.grad, ref_gx, "grad_x"), (w.grad, ref_gw, "grad_w")):
             scale = ref.abs().max()
-            err = float(((got.detach().double() - ref).abs().max() / scale))
+            err = float((got.detach().double() - ref).abs().max() / scale)
             assert err < 2e-2, f"splits={splits}: {what} off by {err:.3g} of its largest value"
         assert w.grad[0].abs().max() == 0 and w.grad[5].abs().max() == 0, "idle experts: zero gradient"
     model = Transformer(_cfg(dim=64, moe_inter_dim=64, inter_dim=128)).to(device).train()

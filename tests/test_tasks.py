@@ -6,7 +6,7 @@ What is checked:
   the split is a function of the problem only, the test share is about `test_fraction`;
 - Countdown: each problem is solvable with its numbers used exactly once;
 - the tokenizer: exact round trip, one id per tag, unknown characters rejected;
-- the parser (FAULTS kind I): hand-computed values, exact fractions, precedence, and rejection of
+- the parser (pitfalls kind I): hand-computed values, exact fractions, precedence, and rejection of
   everything outside the bounded grammar (``**``, Unicode digits, huge literals, deep nesting, long
   inputs, division by zero, trailing text) -- each call within a fixed time.
 """

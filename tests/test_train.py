@@ -6,10 +6,10 @@ Checks, with hand-computed values where there is a number to compute:
   warmup-stable-decay, constant), and that the `LambdaLR` the trainer steps reproduces it exactly;
 * `lm_loss` equals a hand-computed cross-entropy (and `F.cross_entropy`), adds the aux loss, gives
   ln V for a uniform model, and adds the MTP terms (λ/D)·CE_k while logging the main CE as "ce"
-  (more in tests/test_mtp.py); MTP logits without a weight are refused (FAULTS kind B);
+  (more in tests/test_mtp.py); MTP logits without a weight are refused (pitfalls kind B);
 * AdamW decays matrices only and lists a tied head once; `evaluate` is deterministic, leaves the
   RNG streams alone and restores train mode;
-* persistence (FAULTS kind K): 6 straight steps equal 3 steps + checkpoint + fresh objects + 3
+* persistence (pitfalls kind K): 6 straight steps equal 3 steps + checkpoint + fresh objects + 3
   steps -- parameters, AdamW state, scheduler, losses, sampler and RNG streams bitwise, for tied and
   untied heads, through an explicit save, Ctrl-C (a real SIGINT) and a callback's KeyboardInterrupt;
   an MoE model's router biases move by +-gamma every step and resume exactly too (kind B); so does
@@ -21,7 +21,7 @@ Checks, with hand-computed values where there is a number to compute:
   `CheckpointError` with a message that says what is wrong;
 * a short run on the offline python-docs corpus lowers the validation loss below ln V.
 
-Everything runs on tiny models (D=32, one block) on CPU, deterministic (FAULTS kind L).
+Everything runs on tiny models (D=32, one block) on CPU, deterministic (pitfalls kind L).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def test_evaluate_is_deterministic_rng_free_and_restores_train_mode(dataset):
     assert a == pytest.approx(ref, rel=1e-5), f"evaluate {a} vs by hand {ref}"
 
 
-# --- exact resume (FAULTS kind K) ----------------------------------------------------------------------
+# --- exact resume (pitfalls kind K) ----------------------------------------------------------------------
 
 
 def _rng_drawing_callback(draws: list):
@@ -326,7 +326,7 @@ def test_resume_is_bitwise_equal_to_a_straight_run(dataset, tmp_path, tie, how):
 
 
 def test_moe_router_bias_moves_every_step_and_resumes_exactly(dataset, tmp_path):
-    """Aux-loss-free balancing is applied once per step (FAULTS kind B) and survives a resume (kind K)."""
+    """Aux-loss-free balancing is applied once per step (pitfalls kind B) and survives a resume (kind K)."""
     mcfg = tiny_model_cfg(n_layers=2, n_dense_layers=1, n_routed_experts=4, n_activated_experts=2,
                           moe_inter_dim=16, bias_update_speed=1e-3)
     tcfg = tiny_train_cfg(tmp_path / "straight", max_steps=4, eval_every=0)
