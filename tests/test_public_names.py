@@ -2,7 +2,8 @@
 
 Checks that every ``from deepseek_edu... import name`` in a notebook's code resolves; that the names
 moved to their own modules (block.py, loss.py, optim.py, dispatch.py, io.py, rewards.py, rl.py,
-corpus.py, tokenizer.py, sampling.py, evaluation.py) are still re-exported under their old homes; that `deepseek_edu.mtp` and
+corpus.py, tokenizer.py, sampling.py, evaluation.py, grpo_config.py) are still re-exported under their
+old homes; that `deepseek_edu.mtp` and
 `deepseek_edu.model` each import first in a fresh interpreter, with no import inside a function in
 the modules of the decoder; and that no test or benchmark imports a private (``_``) name from
 another module.
@@ -41,6 +42,8 @@ MOVED = [
     ("deepseek_edu.data", "load_corpus"), ("deepseek_edu.data", "train_tokenizer"),
     ("deepseek_edu.data", "Tokenizer"), ("deepseek_edu.data", "CorpusUnavailableError"),
     ("deepseek_edu.train", "evaluate"), ("deepseek_edu.train", "resolve_device"),
+    ("deepseek_edu.config", "GRPOConfig"), ("deepseek_edu.config", "GRPO_VARIANTS"),
+    ("deepseek_edu.config", "GRPO_TASKS"),
 ]
 
 
