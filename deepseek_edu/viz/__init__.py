@@ -20,12 +20,14 @@ Submodules (every public name is re-exported here, so notebooks write `viz.plot_
     core         show, figure_bundle, png_bytes, new_figure, explorer, text_explorer, show_plotly,
                  png_bundle / figure_png; the course's DPI and colours
     plots        generic plots: loss curves, bars, histogram, heatmap, attention, tokens, and the
-                 paradigm map of notebook 00
+                 token rows, the paradigm map of notebook 00
     data         chapter 01: tokenizer compression, token lengths
     transformer  chapter 02: RoPE, causal masks
-    mla          chapter 03: the MLA diagram, KV-cache sizes, the committed decode benchmark
-    moe          chapter 04: the MoE diagram, group routing, expert loads, balance runs, layer stages
-    pretraining  chapters 05-07: the MTP diagram, pre-training losses, bits per character of runs
+    mla          chapter 03: the MLA diagram, KV-cache sizes, the committed decode benchmark (figure, report)
+    moe          chapter 04: the MoE diagram, group routing, expert loads, balance runs, layer stages;
+                 the committed balance and layer benchmarks as printed tables
+    mtp          chapter 05: the MTP diagram and targets, runs with and without MTP, speculative decoding
+    pretraining  chapters 06-07: pre-training losses with expert loads, bits per character of runs
     fp8          chapter 08: E4M3, granularity, accumulation, FP8 training, paper vs ours
     kernels      chapter 09: the H200 roofline, quantisation layouts
     grpo         chapter 10: the GRPO loop, a run, the variants, one response's reward
@@ -69,10 +71,13 @@ from .kernels import H200_DATASHEET, h200_ceilings, plot_quant_layouts, plot_roo
 from .mla import (
     DECODE_KIND_STYLE,
     KV_KIND_COLORS,
+    DecodeSpeedSummary,
+    decode_speed_summary,
     decode_tokens_per_s,
     kv_cache_curves,
     kv_cache_plotly,
     machine_note,
+    mla_decode_summary,
     plot_cache_bytes,
     plot_decode_speed,
     plot_kv_cache_vs_context,
@@ -82,6 +87,9 @@ from .mla import (
 from .moe import (
     GROUP_COLORS,
     MOE_STAGES,
+    moe_balance_table,
+    moe_balance_verdict,
+    moe_layer_summary,
     plot_balance_runs,
     plot_committed_balance,
     plot_group_routing,
@@ -90,6 +98,16 @@ from .moe import (
     plot_routing,
     routing_plotly,
     trailing_mean,
+)
+from .mtp import (
+    V3_ACCEPTANCE,
+    V3_SPEEDUP,
+    plot_mtp_arms,
+    plot_mtp_diagram,
+    plot_mtp_targets,
+    plot_speculative_bench,
+    speculative_steps,
+    speculative_summary,
 )
 from .plots import (
     _MAP_BOX_H,
@@ -104,27 +122,30 @@ from .plots import (
     plot_histogram,
     plot_loss_curves,
     plot_paradigm_map,
+    plot_token_rows,
     plot_tokens,
 )
-from .pretraining import plot_mtp_diagram, plot_pretraining, plot_runs_bits_per_char
+from .pretraining import plot_pretraining, plot_runs_bits_per_char
 from .systems import PIPELINE_COLORS, plot_gpu_loads, plot_pipeline_timeline
 from .transformer import plot_causal_masks, plot_rope
 
 # The private names are re-exported for the tests that check them (`test_viz.py`).
 __all__ = [
-    "FIG_DPI", "TOKEN_COLORS", "png_bytes", "figure_bundle", "show", "new_figure", "explorer",
-    "text_explorer", "show_plotly", "figure_png", "png_bundle", "plot_loss_curves", "plot_bars",
-    "plot_histogram", "plot_heatmap", "plot_attention", "TOKEN_FONT", "_printable", "plot_tokens",
-    "_MAP_BOX_W", "_MAP_BOX_H", "paradigm_map_entries", "_box_edge", "plot_paradigm_map", "plot_compression",
-    "plot_token_lengths", "plot_rope", "plot_causal_masks", "KV_KIND_COLORS", "plot_mla_diagram",
-    "kv_cache_curves", "plot_kv_cache_vs_context", "kv_cache_plotly", "DECODE_KIND_STYLE",
-    "decode_tokens_per_s", "machine_note", "plot_decode_speed", "plot_cache_bytes", "plot_kv_calculator",
-    "GROUP_COLORS", "plot_group_routing", "trailing_mean", "plot_balance_runs", "plot_routing",
-    "routing_plotly", "plot_moe_diagram", "plot_committed_balance", "MOE_STAGES", "plot_moe_stages",
-    "plot_mtp_diagram", "plot_pretraining", "plot_runs_bits_per_char", "plot_e4m3_number_line",
-    "plot_granularity_errors", "plot_accumulation", "plot_fp8_training", "plot_fp8_linear_diagram",
-    "fp8_paper_vs_ours", "H200_DATASHEET", "h200_ceilings", "plot_roofline", "plot_quant_layouts",
-    "grpo_loop_entries", "plot_grpo_loop", "plot_grpo_run", "GRPO_VARIANT_COLORS", "grpo_variant_rows",
-    "plot_grpo_variants", "plot_reward_breakdown", "PIPELINE_COLORS", "plot_pipeline_timeline",
-    "plot_gpu_loads",
+    "FIG_DPI", "TOKEN_COLORS", "explorer", "figure_bundle", "figure_png", "new_figure", "png_bundle",
+    "png_bytes", "show", "show_plotly", "text_explorer", "plot_compression", "plot_token_lengths",
+    "fp8_paper_vs_ours", "plot_accumulation", "plot_e4m3_number_line", "plot_fp8_linear_diagram",
+    "plot_fp8_training", "plot_granularity_errors", "GRPO_VARIANT_COLORS", "grpo_loop_entries",
+    "grpo_variant_rows", "plot_grpo_loop", "plot_grpo_run", "plot_grpo_variants", "plot_reward_breakdown",
+    "H200_DATASHEET", "h200_ceilings", "plot_quant_layouts", "plot_roofline", "DECODE_KIND_STYLE",
+    "KV_KIND_COLORS", "DecodeSpeedSummary", "decode_speed_summary", "decode_tokens_per_s", "kv_cache_curves",
+    "kv_cache_plotly", "machine_note", "mla_decode_summary", "plot_cache_bytes", "plot_decode_speed",
+    "plot_kv_cache_vs_context", "plot_kv_calculator", "plot_mla_diagram", "GROUP_COLORS", "MOE_STAGES",
+    "moe_balance_table", "moe_balance_verdict", "moe_layer_summary", "plot_balance_runs",
+    "plot_committed_balance", "plot_group_routing", "plot_moe_diagram", "plot_moe_stages", "plot_routing",
+    "routing_plotly", "trailing_mean", "V3_ACCEPTANCE", "V3_SPEEDUP", "plot_mtp_arms", "plot_mtp_diagram",
+    "plot_mtp_targets", "plot_speculative_bench", "speculative_steps", "speculative_summary", "_MAP_BOX_H",
+    "_MAP_BOX_W", "TOKEN_FONT", "_box_edge", "_printable", "paradigm_map_entries", "plot_attention",
+    "plot_bars", "plot_heatmap", "plot_histogram", "plot_loss_curves", "plot_paradigm_map", "plot_token_rows",
+    "plot_tokens", "plot_pretraining", "plot_runs_bits_per_char", "PIPELINE_COLORS", "plot_gpu_loads",
+    "plot_pipeline_timeline", "plot_causal_masks", "plot_rope",
 ]

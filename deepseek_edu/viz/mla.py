@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -266,3 +269,101 @@ def plot_kv_calculator(gb: Mapping[str, float], curves: Mapping[str, Sequence[fl
     ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def mla_decode_summary(results_dir: Any, result_files: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The committed MLA decoding benchmarks (`benchmarks/mla_decode.py`) and what each measured.
+
+    Args:
+        results_dir: folder of the JSON files, or None where the repository's results are absent (Colab).
+        result_files: machine label -> file name, e.g. {"CPU": "mla_decode_cpu.json"}.
+    Returns:
+        (bench, lines): label -> parsed JSON of the files found, and the printed report: the machine,
+        the shapes, the cached numbers per token, a note when the machine was busy, the skipped runs,
+        and one line per missing file.
+    """
+    bench: dict[str, Any] = {}
+    lines: list[str] = []
+    for label, filename in result_files.items():
+        path = Path(results_dir) / filename if results_dir is not None else None
+        if path is None or not path.is_file():
+            lines.append(f"{label}: no benchmarks/results/{filename} here (on Colab, clone the repository to get it); "
+                         f"the figure below skips this machine")
+            continue
+        bench[label] = json.loads(path.read_text())
+    for label, res in bench.items():
+        m, mla_shape = res["machine"], res["shapes"]["mla-absorbed"]
+        gpu = m.get("gpu") or {}
+        where = gpu.get("name") or f"{m.get('cpu_model', 'CPU')}, {m.get('torch_threads')} threads"
+        cache_sizes = ", ".join(f"{kind} {s['cache_elements_per_token']}" for kind, s in res["shapes"].items())
+        lines += [
+            f"{label}: {where}, torch {m.get('torch')}, {res['dtype']}, run {res['created_utc'][:10]}",
+            f"  MLA dim={mla_shape['dim']} H={mla_shape['n_heads']} C={mla_shape['kv_lora_rank']} "
+            f"R={mla_shape['qk_rope_head_dim']}; MHA/GQA heads of {res['shapes']['mha']['head_dim']}, "
+            f"GQA {res['shapes']['gqa']['n_kv_heads']} KV heads; contexts {res['contexts']}, batches {res['batches']}",
+            f"  cached numbers per token (one layer): {cache_sizes}",
+        ]
+        load = m.get("load_average_1_5_15_min")
+        if load and m.get("cpu_count") and load[0] > m["cpu_count"]:
+            lines.append(f"  note: load average {load[0]:.1f} on {m['cpu_count']} cores at the start: "
+                         f"other work shared the CPU, so these figures are noisy")
+        lines += [f"  {skip['kind']} ctx={skip['ctx']} batch={skip['batch']}: {skip['note']}"
+                  for skip in res.get("skips", [])]
+    return bench, lines
+
+
+@dataclass
+class DecodeSpeedSummary:
+    """What `decode_speed_summary` read from the MLA decoding benchmarks.
+
+    Attributes:
+        lines: the printed report.
+        absorbed_over_naive: (label, batch) -> (longest context, absorbed / recompute tokens/s there).
+        absorbed_over_mha: label -> (batch, context, MLA-absorbed / MHA tokens/s) at the largest batch
+            and the longest context both ran.
+    """
+
+    lines: list[str] = field(default_factory=list)
+    absorbed_over_naive: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+    absorbed_over_mha: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+
+
+def decode_speed_summary(bench: Mapping[str, Mapping[str, Any]]) -> DecodeSpeedSummary:
+    """Absorbed against recompute (per batch), absorbed against MHA, and the two paths' agreement.
+
+    Args:
+        bench: machine label -> parsed `mla_decode_*.json` (as `mla_decode_summary` returns it).
+    Returns:
+        A `DecodeSpeedSummary`: the ratios of tokens/s and the lines that report them.
+    """
+    out = DecodeSpeedSummary()
+    for label, res in bench.items():
+        for b in res["batches"]:
+            pts = sorted((r["ctx"], r["absorbed_over_naive"]) for r in res["absorbed_over_naive"] if r["batch"] == b)
+            if not pts:
+                continue
+            ratios = [v for _, v in pts]
+            longest_ctx, longest = pts[-1]
+            below = [c for c, v in pts if v < 1]
+            out.lines.append(f"{label}, batch {b}: absorbed/recompute {min(ratios):.2f}x to {max(ratios):.2f}x over "
+                             f"contexts {pts[0][0]}-{longest_ctx}; {longest:.2f}x at the longest"
+                             + (f"; recompute faster at ctx {below}" if below else "; absorbed faster at every context"))
+            out.absorbed_over_naive[(label, b)] = (longest_ctx, longest)
+            graphs = [(r["ctx"], r["cuda_graph_absorbed_over_naive"]) for r in res["absorbed_over_naive"]
+                      if r["batch"] == b and "cuda_graph_absorbed_over_naive" in r]
+            if graphs:
+                out.lines.append(f"    with CUDA graphs (launch overhead removed): {max(graphs)[1]:.2f}x at ctx "
+                                 f"{max(graphs)[0]}")
+        b = max(res["batches"])
+        mha = dict(zip(*decode_tokens_per_s(res, "mha", b)))
+        absorbed = dict(zip(*decode_tokens_per_s(res, "mla-absorbed", b)))
+        common = sorted(set(mha) & set(absorbed))
+        if common:
+            c = common[-1]
+            out.lines.append(f"{label}, batch {b}, ctx {c}: MLA-absorbed / MHA (cached K,V) = "
+                             f"{absorbed[c] / mha[c]:.2f}x tokens/s")
+            out.absorbed_over_mha[label] = (b, c, absorbed[c] / mha[c])
+        worst = max(c["rel_diff"] for c in res["checks"])
+        out.lines.append(f"{label}: largest relative difference between the two paths' outputs in {res['dtype']}: "
+                         f"{worst:.1e}")
+    return out

@@ -1,10 +1,14 @@
 """Chapter 04 figures: DeepSeekMoE drawn from a module, group-limited routing, expert loads, the
-balance runs (live and committed) and the time per stage of one MoE layer.
+balance runs (live and committed) and the time per stage of one MoE layer; the committed balance
+and layer benchmarks (`benchmarks/results/moe_*.json`) as the lines the notebook prints.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -261,3 +265,110 @@ def plot_moe_stages(res: Mapping[str, Any], label: str) -> Figure:
     ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def _balance_row(arm: str, m: Mapping[str, Any], suffix: str = "") -> list[str]:
+    v, mv, mf = m["val_loss"], m["max_violation_last_mean"], m["max_violation_final"]
+    return [f"{arm:9s} {v['mean']:>14.4f} ± {v['std']:.4f} {mv['mean']:>18.3f} ± {mv['std']:.3f} "
+            f"{mf['mean']:>11.3f} ± {mf['std']:.3f}{suffix}",
+            f"{'':9s}   per seed: val {[round(t, 4) for t in v['per_seed']]}, "
+            f"MaxVio {[round(t, 3) for t in mv['per_seed']]}"]
+
+
+def moe_balance_table(balance: Mapping[str, Any] | None, fast: Mapping[str, Any] | None = None,
+                      balance_name: str = "moe_balance_h200.json",
+                      fast_name: str = "moe_balance_h200_gamma0.01.json") -> list[str]:
+    """The committed balance runs (`benchmarks/moe_balance.py`) as a table: one row pair per arm.
+
+    Args:
+        balance: parsed JSON of the three arms (aux-loss, aux-free, none) over seeds, or None if absent.
+        fast: parsed JSON of the aux-free arm alone with a faster bias update (its own gamma), or None.
+        balance_name, fast_name: the files' names, printed.
+    Returns:
+        Lines: the settings, then per arm the validation loss (nats/token), MaxVio over the last steps
+        and at the final step (mean ± std over seeds), and the values per seed.
+    """
+    if balance is None:
+        lines = [f"no committed {balance_name} (run benchmarks/moe_balance.py)"]
+    else:
+        st = balance["settings"]
+        gpu = balance["machine"].get("gpu", {}).get("name", "CPU")
+        lines = [f"{balance_name}: {gpu}, {st['steps']} steps x {st['batch_size']}x{st['seq_len']} tokens, "
+                 f"seeds {st['seeds']}, gamma {st['gamma']}, alpha1 {st['alpha1']}",
+                 f"{'arm':9s} {'val loss (nats/token)':>22s} "
+                 f"{'MaxVio, last ' + str(st['last_steps_for_means']) + ' steps':>26s} {'MaxVio, final step':>19s}"]
+        for arm, m in balance["summary"].items():
+            lines += _balance_row(arm, m)
+    if fast is not None:
+        m = fast["summary"]["aux-free"]
+        lines.append(f"{fast_name}: the aux-free arm again with gamma {fast['settings']['gamma']}, seeds {m['seeds']}")
+        lines += _balance_row("aux-free", m, f"   (γ={fast['settings']['gamma']})")
+    return lines
+
+
+def moe_balance_verdict(balance: Mapping[str, Any], fast: Mapping[str, Any] | None = None) -> list[str]:
+    """What the committed balance runs show: the acceptance checks, the busiest expert, seed noise.
+
+    Args:
+        balance: parsed `moe_balance_h200.json` (its "acceptance", "summary", "runs", "settings").
+        fast: parsed JSON of the aux-free arm with a faster bias update, or None.
+    Returns:
+        Lines: whether aux-free's MaxVio is below none's and its validation loss no worse than
+        aux-loss's (on the mean, for every seed), the busiest expert per batch and over the last steps
+        per arm, and whether the differences in validation loss exceed the spread over seeds.
+    """
+    acc = balance["acceptance"]
+    a, v = acc["aux_free_maxvio_below_none"], acc["aux_free_val_loss_no_worse_than_aux_loss"]
+    lines = [f"aux-free MaxVio below none's: on the mean {a['holds_on_mean']}, for every seed {a['holds_every_seed']} "
+             f"(paired differences {[round(d, 3) for d in a['paired_differences']]})",
+             f"aux-free validation loss no worse than aux-loss's: on the mean {v['holds_on_mean']} "
+             f"({v['mean_aux_free']:.4f} vs {v['mean_aux_loss']:.4f}), for every seed {v['holds_every_seed']} "
+             f"(paired differences {[round(d, 4) for d in v['paired_differences']]})"]
+    summary = balance["summary"]
+    last_n = balance["settings"]["last_steps_for_means"]
+    for arm in summary:
+        mv = summary[arm]["max_violation_last_mean"]["mean"]
+        summed = statistics.fmean(r["max_violation_of_summed_last_load"] for r in balance["runs"] if r["arm"] == arm)
+        lines.append(f"{arm:9s}: busiest expert per batch at {1 + mv:.2f}x the mean load; the load of the last "
+                     f"{last_n} steps together at {1 + summed:.3f}x")
+    sd = summary["aux-free"]["val_loss"]["std"]
+    diff = v["mean_aux_free"] - v["mean_aux_loss"]
+    lines.append(f"the mean difference {diff:+.4f} nats/token is smaller than the spread over seeds ({sd:.4f}): "
+                 f"no worse, but not a measured improvement" if abs(diff) < sd else
+                 f"the mean difference {diff:+.4f} nats/token exceeds the spread over seeds ({sd:.4f})")
+    if fast is not None:
+        fv = fast["summary"]["aux-free"]["val_loss"]["mean"]
+        lines.append(f"aux-free with gamma {fast['settings']['gamma']}: validation {fv:.4f}, "
+                     f"{fv - v['mean_aux_loss']:+.4f} against the aux-loss arm, {fv - v['mean_aux_free']:+.4f} "
+                     f"against gamma {balance['settings']['gamma']}")
+        seed_sd = (fast["summary"]["aux-free"]["val_loss"]["std"], summary["aux-free"]["val_loss"]["std"],
+                   summary["aux-loss"]["val_loss"]["std"])
+        within = abs(fv - v["mean_aux_free"]) < min(seed_sd) and abs(fv - v["mean_aux_loss"]) < min(seed_sd)
+        lines.append(f"  spread over seeds of these arms {min(seed_sd):.4f} to {max(seed_sd):.4f}: "
+                     + ("both differences are within seed noise" if within else "a difference exceeds the seed spread"))
+    return lines
+
+
+def moe_layer_summary(results_dir: Any) -> tuple[dict[str, Any], list[str]]:
+    """The committed MoE layer benchmarks (`benchmarks/moe_layer.py`, `moe_layer_*.json` in name order).
+
+    Returns:
+        (layer_runs, lines): machine label -> parsed JSON, and per file the settings and, per layout
+        (and per token count of the scaling runs), MoE / dense tokens/s with the per-expert loop and the
+        first dispatch for comparison.
+    """
+    layer_runs: dict[str, Any] = {}
+    lines: list[str] = []
+    for f in sorted(Path(results_dir).glob("moe_layer_*.json")):
+        res = json.loads(f.read_text())
+        label = res["machine"].get("gpu", {}).get("name") or f"CPU ({res['machine']['torch_threads']} thread)"
+        layer_runs[label] = res
+        st = res["settings"]
+        lines.append(f"{f.name}: {label}, {st['dtype']}, D={st['dim']}, M={st['width_M']}, {st['tokens']:,} tokens "
+                     f"per call")
+        for name, r in [*res["layouts"].items(), *res.get("token_scaling", {}).items()]:
+            ra = r["ratios"]
+            loop = f"per-expert loop {ra['moe-loop / dense']:.2f}, " if "moe-loop / dense" in ra else ""
+            lines.append(f"  {name:44s} MoE/dense tokens/s {ra['moe / dense']:.2f}   ({loop}first dispatch "
+                         f"{ra['moe-v0 / dense']:.2f})")
+    return layer_runs, lines

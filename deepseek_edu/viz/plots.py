@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .core import FIG_DPI, TOKEN_COLORS, _figure_of, _to_numpy
+from .core import FIG_DPI, TOKEN_COLORS, _figure_of, _to_numpy, new_figure
 
 
 def plot_loss_curves(steps: Sequence[float], train_loss: Sequence[float],
@@ -237,6 +237,39 @@ def plot_tokens(pieces: Sequence[str], ids: Sequence[int] | None = None, title: 
     if title or len(pieces) > max_pieces:
         extra = f" (first {max_pieces} of {len(pieces)} shown)" if len(pieces) > max_pieces else ""
         ax.text(0.1, 0.2, title + extra, fontsize=10, va="center")
+    return fig
+
+
+def _token_boxes(ax: Any, pieces: Sequence[str], colors: Sequence[str], y0: float, width: float) -> float:
+    """Token pieces as coloured boxes from (0, y0), wrapping at `width`; returns the next free y."""
+    x0, y = 0.0, y0
+    for p, c in zip(pieces, colors):
+        w = 0.1 + 0.11 * max(len(p), 1)
+        if x0 + w > width:
+            x0, y = 0.0, y - 0.5
+        ax.add_patch(mpatches.FancyBboxPatch((x0, y), w - 0.04, 0.36, boxstyle="round,pad=0.02", fc=c,
+                                             ec="#888888", lw=0.5))
+        ax.text(x0 + (w - 0.04) / 2, y + 0.18, p, ha="center", va="center", fontsize=7)
+        x0 += w
+    return y - 0.9
+
+
+def plot_token_rows(rows: Sequence[tuple[str, Sequence[str], Sequence[str]]], width: float = 10.0) -> Figure:
+    """Paragraphs of token boxes, one per row, each under its title; the boxes wrap at `width` inches.
+
+    Args:
+        rows: (title, pieces, colours) per paragraph; pieces and colours pair up (zip: the shorter wins).
+        width: of the figure in inches; its height follows from the number of wrapped lines.
+    """
+    fig, ax = new_figure(width, 1.0)
+    y = 0.0
+    for title, pieces, colors in rows:
+        ax.text(0, y + 0.55, title, fontsize=8)
+        y = _token_boxes(ax, pieces, colors, y, width)
+    ax.set_xlim(0, width + 0.2)
+    ax.set_ylim(y + 0.4, 0.8)
+    ax.axis("off")
+    fig.set_size_inches(width, 0.6 * (0.8 - y))
     return fig
 
 
