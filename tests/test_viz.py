@@ -6,11 +6,14 @@ mismatch, that text the default font cannot draw (emoji, CJK) never triggers mat
 "Glyph missing" warning (a stderr line in a notebook), that the paradigm map holds every notebook
 and survey section, that `show` gives every figure alternative text, and that `explorer` shows the
 static figure first and redraws that same output (never a second figure) when a control changes.
+The report helpers that read committed `benchmarks/results/*.json` into printed lines are checked
+against the values in those files.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -617,6 +620,38 @@ def test_token_rows_wrap_each_paragraph_under_its_title() -> None:
     ax = fig.axes[0]
     assert len(ax.patches) == 43 and [t.get_text() for t in ax.texts[:1]] == ["a"]
     assert fig.get_size_inches()[1] > 2.0  # forty long pieces wrap onto several lines
+
+
+
+def test_parameter_figures_of_chapter_06() -> None:
+    from deepseek_edu.analysis import count_params
+    from deepseek_edu.config import get_preset
+
+    counts = {name: count_params(get_preset(name)) for name in ("tiny", "deepseek-v3")}
+    fig = viz.plot_parameter_parts(counts)
+    assert _untracked(fig) and len(fig.axes) == 2
+    assert len(fig.axes[0].patches) == sum(len(c.parts) for c in counts.values())  # one bar piece per part
+    assert len(fig.axes[1].collections[0].get_offsets()) == 2  # one point per model
+    v3 = get_preset("deepseek-v3")
+    by_e = {e: count_params(v3.replace(n_routed_experts=e, n_expert_groups=1, n_limited_groups=1))
+            for e in (8, 64, 256)}
+    fig2 = viz.plot_expert_scaling(by_e, 64, 8, "deepseek-v3")
+    assert _untracked(fig2) and len(fig2.axes[0].lines) == 3  # total, activated, the chosen E
+    assert [round(b.get_height(), 6) for b in fig2.axes[1].patches] == [round(by_e[64].total / 1e9, 6),
+                                                                        round(by_e[64].activated / 1e9, 6)]
+    with pytest.raises(ValueError, match="plot_expert_scaling"):
+        viz.plot_expert_scaling(by_e, 32, 8)
+
+
+def test_train_throughput_summary_rows_equal_the_json(tmp_path) -> None:
+    speed = _committed("train_throughput_small_h200.json")
+    lines = viz.train_throughput_summary(Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    rows = [key for key in speed["small_over_dense"] if key in speed["models"]["small"]["training"]]
+    assert len(lines) == 1 + 2 + 1 + len(rows) + 1  # machine, two models, header, variants, the profiles
+    for key, line in zip(rows, lines[4:]):
+        assert line.split()[0] == key and line.endswith(f"{speed['small_over_dense'][key]:.2f}")
+    assert viz.train_throughput_summary(tmp_path) == [
+        "no committed train_throughput_small_h200.json (run benchmarks/train_throughput.py --device cuda)"]
 
 
 def test_text_explorer_prints_the_static_sample_and_redraws(capsys):

@@ -27,7 +27,8 @@ Submodules (every public name is re-exported here, so notebooks write `viz.plot_
     moe          chapter 04: the MoE diagram, group routing, expert loads, balance runs, layer stages;
                  the committed balance and layer benchmarks as printed tables
     mtp          chapter 05: the MTP diagram and targets, runs with and without MTP, speculative decoding
-    pretraining  chapters 06-07: pre-training losses with expert loads, bits per character of runs
+    pretraining  chapters 06-07: parameters by part and against E; pre-training losses with expert
+                 loads, bits per character of runs, the committed MoE vs dense throughput
     fp8          chapter 08: E4M3, granularity, accumulation, FP8 training, paper vs ours
     kernels      chapter 09: the H200 roofline, quantisation layouts
     grpo         chapter 10: the GRPO loop, a run, the variants, one response's reward
@@ -125,7 +126,14 @@ from .plots import (
     plot_token_rows,
     plot_tokens,
 )
-from .pretraining import plot_pretraining, plot_runs_bits_per_char
+from .pretraining import (
+    PART_COLORS,
+    plot_expert_scaling,
+    plot_parameter_parts,
+    plot_pretraining,
+    plot_runs_bits_per_char,
+    train_throughput_summary,
+)
 from .systems import PIPELINE_COLORS, plot_gpu_loads, plot_pipeline_timeline
 from .transformer import plot_causal_masks, plot_rope
 
@@ -146,6 +154,7 @@ __all__ = [
     "plot_mtp_targets", "plot_speculative_bench", "speculative_steps", "speculative_summary", "_MAP_BOX_H",
     "_MAP_BOX_W", "TOKEN_FONT", "_box_edge", "_printable", "paradigm_map_entries", "plot_attention",
     "plot_bars", "plot_heatmap", "plot_histogram", "plot_loss_curves", "plot_paradigm_map", "plot_token_rows",
-    "plot_tokens", "plot_pretraining", "plot_runs_bits_per_char", "PIPELINE_COLORS", "plot_gpu_loads",
+    "plot_tokens", "plot_pretraining", "plot_runs_bits_per_char", "PART_COLORS", "plot_parameter_parts",
+    "plot_expert_scaling", "train_throughput_summary", "PIPELINE_COLORS", "plot_gpu_loads",
     "plot_pipeline_timeline", "plot_causal_masks", "plot_rope",
 ]
