@@ -6,11 +6,14 @@ mismatch, that text the default font cannot draw (emoji, CJK) never triggers mat
 "Glyph missing" warning (a stderr line in a notebook), that the paradigm map holds every notebook
 and survey section, that `show` gives every figure alternative text, and that `explorer` shows the
 static figure first and redraws that same output (never a second figure) when a control changes.
+The report helpers that read committed `benchmarks/results/*.json` into printed lines are checked
+against the values in those files.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -347,6 +350,32 @@ def test_plot_decode_speed_and_machine_note() -> None:
     assert "no H200 results" in " ".join(_texts(fig))
 
 
+
+def test_mla_decode_summary_reads_the_committed_json_and_names_missing_files() -> None:
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    bench, lines = viz.mla_decode_summary(results, {"CPU": "mla_decode_cpu.json", "GPU": "missing.json"})
+    assert list(bench) == ["CPU"] and bench["CPU"] == json.loads((results / "mla_decode_cpu.json").read_text())
+    assert lines[0].startswith("GPU: no benchmarks/results/missing.json here")
+    assert lines[1].startswith("CPU: ") and f"contexts {bench['CPU']['contexts']}" in lines[2]
+    assert viz.mla_decode_summary(None, {"CPU": "mla_decode_cpu.json"})[0] == {}
+
+
+def test_decode_speed_summary_ratios_equal_the_json() -> None:
+    res = {"batches": [1, 4], "dtype": "float32", "checks": [{"rel_diff": 1e-6}, {"rel_diff": 3e-6}],
+           "absorbed_over_naive": [{"ctx": 64, "batch": 1, "absorbed_over_naive": 0.8},
+                                   {"ctx": 128, "batch": 1, "absorbed_over_naive": 1.5},
+                                   {"ctx": 128, "batch": 4, "absorbed_over_naive": 2.0}],
+           "results": [{"kind": "mha", "batch": 4, "ctx": 128, "tokens_per_s": 10.0},
+                       {"kind": "mla-absorbed", "batch": 4, "ctx": 128, "tokens_per_s": 30.0}]}
+    s = viz.decode_speed_summary({"M": res})
+    assert s.absorbed_over_naive == {("M", 1): (128, 1.5), ("M", 4): (128, 2.0)}
+    assert s.absorbed_over_mha == {"M": (4, 128, 3.0)}
+    assert "recompute faster at ctx [64]" in s.lines[0] and s.lines[-1].endswith("3.0e-06")
+
+
 def test_chapter03_cache_figures() -> None:
     fig = viz.plot_cache_bytes({"mha": 100.0, "mla": 20.0}, {"mha": 100.0, "mla": 20.0}, "bytes", "t")
     assert _untracked(fig)
@@ -418,6 +447,44 @@ def test_committed_moe_figures() -> None:
     assert _untracked(fig) and "whole layer 6.0 ms" in " ".join(_texts(fig))
 
 
+
+
+
+def _committed(name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name).read_text())
+
+
+def test_moe_balance_table_and_verdict_state_what_the_json_says() -> None:
+    balance, fast = _committed("moe_balance_h200.json"), _committed("moe_balance_h200_gamma0.01.json")
+    lines = viz.moe_balance_table(balance, fast, "b.json", "f.json")
+    assert len(lines) == 2 + 2 * len(balance["summary"]) + 3
+    for k, (arm, m) in enumerate(balance["summary"].items()):
+        row = lines[2 + 2 * k].split()
+        assert row[0] == arm and float(row[1]) == round(m["val_loss"]["mean"], 4)
+        assert float(row[4]) == round(m["max_violation_last_mean"]["mean"], 3)
+    assert lines[-2].endswith(f"(γ={fast['settings']['gamma']})")
+    assert viz.moe_balance_table(None, None, "b.json") == ["no committed b.json (run benchmarks/moe_balance.py)"]
+    verdict = viz.moe_balance_verdict(balance, fast)
+    holds = balance["acceptance"]["aux_free_maxvio_below_none"]["holds_on_mean"]
+    assert verdict[0].startswith(f"aux-free MaxVio below none's: on the mean {holds}")
+    assert len(verdict) == 2 + len(balance["summary"]) + 3
+    assert len(viz.moe_balance_verdict(balance)) == 2 + len(balance["summary"]) + 1
+
+
+def test_moe_layer_summary_one_line_per_layout() -> None:
+    from pathlib import Path
+
+    runs, lines = viz.moe_layer_summary(Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    assert runs, "no committed moe_layer_*.json"
+    n_rows = sum(1 + len(r["layouts"]) + len(r.get("token_scaling", {})) for r in runs.values())
+    assert len(lines) == n_rows
+    for label, res in runs.items():
+        name, r = next(iter(res["layouts"].items()))
+        assert any(line.startswith(f"  {name}") and f"tokens/s {r['ratios']['moe / dense']:.2f}" in line
+                   for line in lines), label
 
 
 def test_show_sends_the_png_with_its_alt_text_in_the_output_metadata(monkeypatch) -> None:
@@ -503,6 +570,88 @@ def test_chapter_05_07_figures():
     assert len(fig3.axes[0].lines) == 2
     for f in (fig, fig2, fig3):
         plt.close(f)
+
+
+
+def test_mtp_targets_hatch_the_positions_a_depth_does_not_have() -> None:
+    fig = viz.plot_mtp_targets(list("abcde"), depths=2)  # S = 4 positions
+    assert _untracked(fig) and len(fig.axes) == 1
+    patches = fig.axes[0].patches
+    assert len(patches) == 6 * 4  # (input, main target, 2 x (reads, predicts)) x S
+    assert sum(p.get_hatch() == "///" for p in patches) == 2 * (1 + 2)  # depth k misses its last k positions
+    with pytest.raises(ValueError, match="plot_mtp_targets"):
+        viz.plot_mtp_targets(["a"])
+
+
+def test_mtp_arms_draws_each_head_and_one_bar_per_arm() -> None:
+    hist = [{"step": s, "ce": 5.0 - s / 10, "mtp_ce_1": 5.5 - s / 10} for s in range(1, 21)]
+    fig = viz.plot_mtp_arms({"mtp": hist, "none": [{k: h[k] for k in ("step", "ce")} for h in hist]},
+                            {"mtp": 4.1, "none": 4.2}, {"mtp": "red", "none": "blue"}, val_title="t")
+    assert _untracked(fig) and len(fig.axes) == 2
+    assert len(fig.axes[0].lines) == 3  # main head of both arms, MTP head of one
+    assert [round(b.get_height(), 3) for b in fig.axes[1].patches] == [4.1, 4.2]
+
+
+def test_speculative_summary_reads_the_committed_json() -> None:
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    bench, lines = viz.speculative_summary(results)
+    files = sorted(results.glob("speculative_*.json"))
+    assert len(bench) == len(files) and len(lines) == 4 * len(files)
+    for f, label in zip(files, bench):
+        res = json.loads(f.read_text())
+        assert bench[label] == res
+        assert viz.speculative_steps(res) == (res["model"].get("train_config") or {}).get("max_steps", "?")
+    for i, f in enumerate(files):
+        d = json.loads(f.read_text())["decoding"]
+        assert lines[4 * i].startswith(f.name) and f"{d['speedup']:.2f}x" in lines[4 * i + 2]
+    fig = viz.plot_speculative_bench(bench)
+    assert _untracked(fig) and len(fig.axes) == 2
+    assert len(fig.axes[1].patches) == len(bench) + 1  # one acceptance bar per machine, the V3 band
+    with pytest.raises(ValueError, match="plot_speculative_bench"):
+        viz.plot_speculative_bench({})
+
+
+def test_token_rows_wrap_each_paragraph_under_its_title() -> None:
+    fig = viz.plot_token_rows([("a", ["x"] * 3, ["red"] * 3), ("b", ["long piece"] * 40, ["blue"] * 40)])
+    assert _untracked(fig)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 43 and [t.get_text() for t in ax.texts[:1]] == ["a"]
+    assert fig.get_size_inches()[1] > 2.0  # forty long pieces wrap onto several lines
+
+
+
+def test_parameter_figures_of_chapter_06() -> None:
+    from deepseek_edu.analysis import count_params
+    from deepseek_edu.config import get_preset
+
+    counts = {name: count_params(get_preset(name)) for name in ("tiny", "deepseek-v3")}
+    fig = viz.plot_parameter_parts(counts)
+    assert _untracked(fig) and len(fig.axes) == 2
+    assert len(fig.axes[0].patches) == sum(len(c.parts) for c in counts.values())  # one bar piece per part
+    assert len(fig.axes[1].collections[0].get_offsets()) == 2  # one point per model
+    v3 = get_preset("deepseek-v3")
+    by_e = {e: count_params(v3.replace(n_routed_experts=e, n_expert_groups=1, n_limited_groups=1))
+            for e in (8, 64, 256)}
+    fig2 = viz.plot_expert_scaling(by_e, 64, 8, "deepseek-v3")
+    assert _untracked(fig2) and len(fig2.axes[0].lines) == 3  # total, activated, the chosen E
+    assert [round(b.get_height(), 6) for b in fig2.axes[1].patches] == [round(by_e[64].total / 1e9, 6),
+                                                                        round(by_e[64].activated / 1e9, 6)]
+    with pytest.raises(ValueError, match="plot_expert_scaling"):
+        viz.plot_expert_scaling(by_e, 32, 8)
+
+
+def test_train_throughput_summary_rows_equal_the_json(tmp_path) -> None:
+    speed = _committed("train_throughput_small_h200.json")
+    lines = viz.train_throughput_summary(Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+    rows = [key for key in speed["small_over_dense"] if key in speed["models"]["small"]["training"]]
+    assert len(lines) == 1 + 2 + 1 + len(rows) + 1  # machine, two models, header, variants, the profiles
+    for key, line in zip(rows, lines[4:]):
+        assert line.split()[0] == key and line.endswith(f"{speed['small_over_dense'][key]:.2f}")
+    assert viz.train_throughput_summary(tmp_path) == [
+        "no committed train_throughput_small_h200.json (run benchmarks/train_throughput.py --device cuda)"]
 
 
 def test_text_explorer_prints_the_static_sample_and_redraws(capsys):

@@ -1,0 +1,121 @@
+"""Chapter 08 figures: the E4M3 number line, scaling granularity, accumulation precision, FP8 vs FP32
+training, the FP8 linear layer, and the table of the paper's numbers beside ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.patches as mpatches
+from matplotlib.figure import Figure
+
+from .core import _to_numpy, new_figure
+from .plots import plot_bars
+
+
+def plot_e4m3_number_line(values: Sequence[float]) -> Figure:
+    """The E4M3 values (non-negative, sorted) near 1 and near 448, as ticks on two number lines."""
+    v = _to_numpy(values)
+    fig, axes = new_figure(6.5, 2.4, nrows=2)
+    for ax, (lo, hi), label in zip(axes, ((0.5, 2.0), (192.0, 460.0)), ("near 1: step 1/8 above 1", "near 448: step 32")):
+        sel = v[(v >= lo) & (v <= hi)]
+        ax.vlines(sel, 0, 1, color="#4c72b0")
+        ax.set(xlim=(lo - 0.02 * (hi - lo), hi), ylim=(0, 1.3), yticks=[], title=f"E4M3 {label}")
+        ax.set_xticks(sel if len(sel) <= 13 else sel[::2])
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+    axes[1].axvline(448, color="#c44e52", ls="--")
+    axes[1].text(448, 1.05, "max 448 (no inf)", color="#c44e52", ha="right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_granularity_errors(errors: Mapping[str, float], title: str = "") -> Figure:
+    """Bars: relative quantisation error (%) per scaling granularity."""
+    names = list(errors)
+    return plot_bars(names, [100 * errors[n] for n in names], xlabel="relative error ||x - dq(q(x))|| / ||x|| (%)",
+                     title=title)
+
+
+def plot_accumulation(rows: Sequence[Mapping[str, float]], committed: Mapping[str, Any] | None = None,
+                      v3_error: float = 0.02) -> Figure:
+    """Max relative error (%) against K, without and with promotion: live rows, committed `by_k` dashed."""
+    fig, ax = new_figure(5.5, 3.0)
+    for key, color in (("no_promotion", "#c44e52"), ("promotion", "#4c72b0")):
+        ks = sorted({r["k"] for r in rows})
+        ax.plot(ks, [100 * max(r[key] for r in rows if r["k"] == k) for k in ks], "o-", color=color,
+                label=f"{key.replace('_', ' ')} (this run)")
+        if committed:
+            kk = sorted(int(k) for k in committed)
+            ax.plot(kk, [100 * committed[str(k)][key]["mean"] for k in kk], "--", color=color, alpha=0.6,
+                    label=f"{key.replace('_', ' ')} (committed JSON)")
+    ax.axhline(100 * v3_error, color="gray", ls=":", label="V3: nearly 2% at K = 4096")
+    ax.set(xscale="log", yscale="log", xlabel="K (inner dimension)", ylabel="max relative error (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fp8_training(rel_err: Mapping[str, Sequence[float]], spread: Sequence[float] | None = None,
+                      bound: float = 0.0025, title: str = "") -> Figure:
+    """Relative loss error (%) against step per variant, with the seed spread and V3's bound."""
+    fig, ax = new_figure(6.0, 3.0)
+    for (name, curve), color in zip(rel_err.items(), ("#4c72b0", "#c44e52", "#55a868")):
+        ax.plot(range(len(curve)), [100 * v for v in curve], color=color, label=name)
+    if spread is not None:
+        ax.plot(range(len(spread)), [100 * v for v in spread], color="gray", alpha=0.7, label="seed spread (FP32 vs FP32)")
+    ax.axhline(100 * bound, color="black", ls=":", label="V3: < 0.25%")
+    ax.set(yscale="log", xlabel="step", ylabel="relative loss error (%)", title=title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fp8_linear_diagram() -> Figure:
+    """The three GEMMs of an FP8 linear layer (V3 Fig. 6), with the granularity of each FP8 input."""
+    fig, ax = new_figure(7.0, 3.0)
+    ax.set_axis_off()
+    ax.set(xlim=(0, 10), ylim=(0, 6))
+    boxes = {
+        "x (fp32/bf16)": (0.2, 4.6), "q: 1x128 tiles": (2.4, 4.6), "W master (fp32)": (0.2, 2.6),
+        "q: 128x128 blocks": (2.4, 2.6), "Fprop GEMM\ny = x W^T": (5.2, 4.6), "Dgrad GEMM\ndx = dy W": (5.2, 2.6),
+        "Wgrad GEMM\ndW = dy^T x": (5.2, 0.6), "dy: 1x128 tiles (dgrad)\n128x1 tiles (wgrad)": (7.6, 2.6),
+        "x: 128x1 tiles": (2.4, 0.6),
+    }
+    for text, (x, y) in boxes.items():
+        fp8 = text.startswith(("q:", "dy:", "x: 128"))
+        ax.add_patch(mpatches.FancyBboxPatch((x, y), 2.1, 0.9, boxstyle="round,pad=0.05",
+                                             fc="#fde2e4" if fp8 else ("#dfe7fd" if "GEMM" in text else "#e2ece9"),
+                                             ec="gray"))
+        ax.text(x + 1.05, y + 0.45, text, ha="center", va="center", fontsize=7)
+    for (x0, y0), (x1, y1) in (((2.3, 5.05), (2.4, 5.05)), ((4.5, 5.05), (5.2, 5.05)), ((2.3, 3.05), (2.4, 3.05)),
+                               ((4.5, 3.05), (5.2, 3.05)), ((4.5, 3.3), (5.2, 4.8)), ((7.6, 3.05), (7.3, 3.05)),
+                               ((7.6, 2.8), (7.3, 1.05)), ((1.25, 4.6), (2.4, 1.3)), ((4.5, 1.05), (5.2, 1.05))):
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "color": "gray"})
+    ax.text(0.2, 5.8, "pink: E4M3 inputs with their scales; blue: GEMMs accumulating in FP32 (promotion every 128)",
+            fontsize=7)
+    return fig
+
+
+def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, Any],
+                      granularity: Mapping[str, Any]) -> str:
+    """A markdown table of V3's FP8 numbers beside the committed benchmark JSONs'."""
+    import torch
+    at = accumulation["by_k"]["4096"]
+    fin = training["final_rel_loss_error"]
+    g = granularity["mean_rel_error"]["b128"]
+    rows = [
+        ("E4M3 max / E5M2 max", "448 / 57344", (f"{torch.finfo(torch.float8_e4m3fn).max:g} / "
+         f"{torch.finfo(torch.float8_e5m2).max:g} (`torch.finfo`)")),
+        ("max relative error, K = 4096, no promotion", "nearly 2%", f"{100 * at['no_promotion']['mean']:.2f}% (emulated, 14 bits)"),
+        ("... with promotion every N_C = 128", "removed", f"{100 * at['promotion']['max']:.3f}%"),
+        ("relative loss error, FP8 vs higher precision", "< 0.25%", f"{100 * fin['fp8']['max']:.3f}% (max over seeds)"),
+        ("... tensorwise scaling, same runs", "(not reported)", f"{100 * fin['fp8-tensorwise']['mean']:.3f}% (mean)"),
+        ("seed-to-seed spread (FP32 vs FP32)", "(not reported)", f"{100 * training['final_seed_spread']:.3f}%"),
+        ("activation error: tensorwise vs 1x128", "(motivation)", f"{100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}%"),
+    ]
+    lines = ["| quantity | DeepSeek-V3 | ours |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
