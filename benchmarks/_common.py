@@ -234,7 +234,7 @@ def command_line(script: str, argv: list[str] | None = None) -> str:
     """How the script was run, for the JSON: `python benchmarks/<script> ARGS`, with the machine's own
     folders written as variables ($OUT for the device tool's output folder, $TMPDIR, ~), so that no
     committed result names a path of the machine that made it."""
-    text = " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else list(argv))])
+    text = " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else list(argv))])
     for path, name in ((os.environ.get("OUT"), "$OUT"), (tempfile.gettempdir(), "$TMPDIR"),
                        (str(Path.home()), "~")):
         if path and len(path) > 1:

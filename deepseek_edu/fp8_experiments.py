@@ -34,7 +34,10 @@ from .model import Transformer
 from .train import lm_loss
 
 GRANULARITY_NAMES = ("tensorwise", "per-row", "1x128", "128x128")
-PRECISIONS = ("fp32", "fp8", "fp8-tensorwise")
+PRECISIONS = ("fp32", "fp8", "fp8-tensorwise", "fp32-perturbed")
+# the control arm: FP32 with every initial weight multiplied by (1 + PERTURBATION * N(0, 1)), a change about
+# 10^5 times smaller than an E4M3 rounding, to measure how far two FP32 runs drift apart by chaos alone
+PERTURBATION = 1e-6
 
 
 def dequantized(x: Tensor, granularity: str, block_size: int = FP8_BLOCK) -> Tensor:
@@ -108,7 +111,11 @@ def accumulation_sweep(ks: list[int], seeds: list[int], m: int = 64, n: int = 64
 
 
 def make_model(model_cfg: ModelConfig, precision: str, seed: int, block_size: int = FP8_BLOCK) -> Transformer:
-    """A fresh `Transformer` from `seed`, in `precision` (one of PRECISIONS); same weights for every precision."""
+    """A fresh `Transformer` from `seed`, in `precision` (one of PRECISIONS); same weights for every precision.
+
+    "fp32-perturbed" is the FP32 model with its initial weights perturbed by a relative PERTURBATION (the
+    control arm: how much two FP32 runs that differ in the sixth digit of their weights end up apart).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
     torch.manual_seed(seed)
@@ -116,7 +123,12 @@ def make_model(model_cfg: ModelConfig, precision: str, seed: int, block_size: in
     for m in model.modules():
         if hasattr(m, "dispatch_impl"):
             m.dispatch_impl = "loop"  # the same expert path for every precision
-    if precision != "fp32":
+    if precision == "fp32-perturbed":
+        g = torch.Generator().manual_seed(seed + 10_000)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + PERTURBATION * torch.randn(p.shape, generator=g))
+    elif precision != "fp32":
         to_fp8(model, "tensorwise" if precision == "fp8-tensorwise" else "blockwise", block_size)
     return model
 

@@ -726,3 +726,44 @@ def test_show_needs_alt_text() -> None:
     fig, _ = viz.new_figure()
     with pytest.raises(ValueError, match="alt"):
         viz.show(fig, alt=" ")
+
+
+# --- chapter 08: the committed FP8 training run, read back ---
+
+
+def _fp8_training_json() -> dict:
+    import json
+    return json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fp8_training_cpu.json").read_text())
+
+
+def test_fp8_training_summary_states_each_arm_of_the_committed_run():
+    t = _fp8_training_json()
+    lines = viz.fp8_training_summary(t)
+    arms = viz.fp8_training_arms(t)
+    assert set(arms) == {"fp8", "fp8-tensorwise", "fp32-perturbed"}
+    assert len(lines) == 1 + len(arms) + 1
+    for line, arm in zip(lines[1:], arms):
+        assert arms[arm] in line
+        first = t["final_val_rel_error"][arm]["per_seed"][0]
+        assert f"{100 * first:.2f}%" in line.split("validation")[1]
+    curves = viz.fp8_training_curves(t)
+    assert list(curves) == list(arms.values())
+    steps = t["config"]["steps"]
+    assert all(len(c) == steps for c in curves.values())
+    seeds = list(t["rel_loss_error"]["fp8"])
+    mean_last = sum(t["rel_loss_error"]["fp8"][s][-1] for s in seeds) / len(seeds)
+    assert curves[arms["fp8"]][-1] == pytest.approx(mean_last)
+    fig = viz.plot_fp8_training(curves, next(iter(t["seed_spread_fp32"].values())))
+    assert len(fig.axes[0].lines) == len(curves) + 2  # the arms, the seed spread, V3's bound
+    plt.close(fig)
+
+
+def test_fp8_paper_vs_ours_reads_the_committed_numbers():
+    import json
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    acc, gran = (json.loads((root / f"fp8_{n}_cpu.json").read_text()) for n in ("accumulation", "granularity"))
+    t = _fp8_training_json()
+    table = viz.fp8_paper_vs_ours(acc, t, gran)
+    assert f"{100 * t['final_rel_loss_error']['fp8']['max']:.3f}% training loss" in table
+    assert f"{100 * t['final_val_rel_error']['fp32-perturbed']['mean']:.3f}% validation" in table
+    assert table.count("\n") == 1 + 8  # header rule + 8 rows

@@ -99,20 +99,62 @@ def plot_fp8_linear_diagram() -> Figure:
     return fig
 
 
+def fp8_training_arms(training: Mapping[str, Any]) -> dict[str, str]:
+    """The compared arms of a `benchmarks/fp8_training.py` JSON, {arm: label}, in the order they are drawn."""
+    b = training["config"]["block_size"]
+    arms = {"fp8": f"FP8, 1x{b} / {b}x{b} tiles", "fp8-tensorwise": "FP8, one scale per tensor",
+            "fp32-perturbed": "FP32, initial weights x (1 + 1e-6 noise)"}
+    return {a: label for a, label in arms.items() if a in training["final_rel_loss_error"]}
+
+
+def fp8_training_curves(training: Mapping[str, Any]) -> dict[str, list[float]]:
+    """{label: relative loss error per step, mean over seeds} of each arm against FP32 (for `plot_fp8_training`)."""
+    out = {}
+    for arm, label in fp8_training_arms(training).items():
+        curves = list(training["rel_loss_error"][arm].values())
+        out[label] = [sum(vals) / len(vals) for vals in zip(*curves)]
+    return out
+
+
+def fp8_training_summary(training: Mapping[str, Any]) -> list[str]:
+    """The committed FP8-vs-FP32 training run as lines of text: per arm, the final relative loss errors."""
+    cfg = training["config"]
+    pct = lambda xs: "[" + ", ".join(f"{100 * x:.2f}%" for x in xs) + "]"  # noqa: E731
+    fin, val = training["final_rel_loss_error"], training["final_val_rel_error"]
+    signed = training.get("final_val_signed_rel_diff", {})
+    lines = [f"committed: {len(training['val_loss']['fp32'])} seeds x {cfg['steps']} steps of {cfg['batch_size']} x "
+             f"{cfg['seq_len']} tokens; validation on {cfg.get('val_batches', 8) * cfg['batch_size'] * cfg['seq_len']:,} "
+             f"tokens; |L - L_FP32| / L_FP32 per seed, at the end:"]
+    for arm, label in fp8_training_arms(training).items():
+        sign = f"; signed mean {100 * signed[arm]['mean']:+.2f}%" if arm in signed else ""
+        lines.append(f"  {label:42s} training loss {pct(fin[arm]['per_seed'])}, validation {pct(val[arm]['per_seed'])}{sign}")
+    lines.append(f"  {'FP32, another seed':42s} training loss {100 * training['final_seed_spread']:.2f}%, "
+                 f"validation {100 * training['val_seed_spread']:.2f}% (the closest pair of seeds)")
+    return lines
+
+
 def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, Any],
                       granularity: Mapping[str, Any]) -> str:
     """A markdown table of V3's FP8 numbers beside the committed benchmark JSONs'."""
     import torch
     at = accumulation["by_k"]["4096"]
-    fin = training["final_rel_loss_error"]
+    fin, val = training["final_rel_loss_error"], training["final_val_rel_error"]
     g = granularity["mean_rel_error"]["b128"]
     rows = [
         ("E4M3 max / E5M2 max", "448 / 57344", (f"{torch.finfo(torch.float8_e4m3fn).max:g} / "
          f"{torch.finfo(torch.float8_e5m2).max:g} (`torch.finfo`)")),
         ("max relative error, K = 4096, no promotion", "nearly 2%", f"{100 * at['no_promotion']['mean']:.2f}% (emulated, 14 bits)"),
         ("... with promotion every N_C = 128", "removed", f"{100 * at['promotion']['max']:.3f}%"),
-        ("relative loss error, FP8 vs higher precision", "< 0.25%", f"{100 * fin['fp8']['max']:.3f}% (max over seeds)"),
-        ("... tensorwise scaling, same runs", "(not reported)", f"{100 * fin['fp8-tensorwise']['mean']:.3f}% (mean)"),
+        ("relative loss error, FP8 vs higher precision", "< 0.25%",
+         f"{100 * fin['fp8']['max']:.3f}% training loss (max over seeds); {100 * val['fp8']['max']:.3f}% validation"),
+        ("... tensorwise scaling, same runs", "(not reported)",
+         f"{100 * fin['fp8-tensorwise']['mean']:.3f}% training, {100 * val['fp8-tensorwise']['mean']:.3f}% validation (mean)"),
+    ]
+    if "fp32-perturbed" in fin:
+        rows.append(("... FP32 with weights perturbed by 1e-6 (chaos alone)", "(not reported)",
+                     f"{100 * fin['fp32-perturbed']['mean']:.3f}% training, "
+                     f"{100 * val['fp32-perturbed']['mean']:.3f}% validation (mean)"))
+    rows += [
         ("seed-to-seed spread (FP32 vs FP32)", "(not reported)", f"{100 * training['final_seed_spread']:.3f}%"),
         ("activation error: tensorwise vs 1x128", "(motivation)", f"{100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}%"),
     ]

@@ -1,0 +1,86 @@
+"""The chapter 08 experiment helpers (`deepseek_edu.fp8_experiments`), on hand-made cases.
+
+The committed runs of `benchmarks/fp8_training.py` rest on three facts checked here: every arm starts
+from the same weights (the control arm from those weights perturbed by one part in a million), an FP32
+run repeats itself exactly (so `--reuse` can add arms to an earlier run), and the relative loss error
+is the trailing-mean formula the notebook states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deepseek_edu.config import get_preset
+from deepseek_edu.fp8 import FP8Linear
+from deepseek_edu.fp8_experiments import (
+    PERTURBATION,
+    PRECISIONS,
+    granularity_errors,
+    make_model,
+    relative_loss_error,
+    smoothed,
+    train_run,
+)
+
+
+@pytest.fixture(scope="module")
+def small_cfg():
+    cfg = get_preset("tiny")
+    cfg.n_layers, cfg.max_seq_len = 2, 32
+    return cfg
+
+
+def test_every_arm_starts_from_the_same_weights(small_cfg):
+    ref = make_model(small_cfg, "fp32", seed=3).state_dict()
+    for prec in ("fp8", "fp8-tensorwise"):
+        sd = make_model(small_cfg, prec, seed=3).state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref), prec
+    fp8 = make_model(small_cfg, "fp8", seed=3)
+    assert any(isinstance(m, FP8Linear) for m in fp8.modules())
+
+
+def test_the_control_arm_is_perturbed_by_about_one_part_in_a_million(small_cfg):
+    ref = make_model(small_cfg, "fp32", seed=3).state_dict()
+    pert = make_model(small_cfg, "fp32-perturbed", seed=3).state_dict()
+    rel = max(float(((pert[k] - ref[k]).abs() / ref[k].abs().clamp_min(1e-30)).max()) for k in ref)
+    assert 0 < rel < 10 * PERTURBATION  # changed, and by a relative amount of order PERTURBATION (|N(0,1)| < 10)
+    assert not any(isinstance(m, FP8Linear) for m in make_model(small_cfg, "fp32-perturbed", 3).modules())
+
+
+def test_unknown_precision_is_a_value_error(small_cfg):
+    with pytest.raises(ValueError, match="precision"):
+        make_model(small_cfg, "fp16", seed=0)
+    assert "fp32-perturbed" in PRECISIONS
+
+
+def test_fp32_run_repeats_exactly_and_fp8_run_is_finite(small_cfg):
+    tokens = torch.randint(0, small_cfg.vocab_size, (4096,), generator=torch.Generator().manual_seed(0))
+    a = train_run(small_cfg, tokens, tokens, "fp32", 0, 3, 2, 16, val_batches=1)
+    b = train_run(small_cfg, tokens, tokens, "fp32", 0, 3, 2, 16, val_batches=1)
+    assert a["loss"] == b["loss"] and a["val_loss"] == b["val_loss"]
+    c = train_run(small_cfg, tokens, tokens, "fp8", 0, 3, 2, 16, val_batches=1, block_size=32)
+    assert all(math.isfinite(v) for v in c["loss"]) and c["loss"] != a["loss"]
+    assert c["loss"][0] == pytest.approx(a["loss"][0], rel=0.01)  # same weights, same batch: FP8 is close
+
+
+def test_relative_loss_error_is_the_trailing_mean_formula():
+    assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    err = relative_loss_error([2.0, 2.2, 2.4], [2.0, 2.0, 2.0], window=2)
+    assert err == pytest.approx([0.0, 0.05, 0.15])
+    assert relative_loss_error([float("nan")], [1.0]) == [float("inf")]
+
+
+def test_outlier_channels_hurt_tensorwise_more_than_fine_tiles():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g)
+    x[:, 7] *= 1e5  # one outlier channel: under its scale, ordinary values fall below E4M3's smallest subnormal
+    err = {g_: e["flushed_to_zero"] for g_, e in granularity_errors(x, 128).items()}
+    # flushed: tensorwise, every value below ~0.7; per row, only where that row's outlier is large; 1 x 128,
+    # only in the tile that holds channel 7 (half the row); 128 x 128 blocks, the weight-style first block column
+    assert err["tensorwise"] > 0.3 and err["1x128"] < err["per-row"] < err["tensorwise"]
+    assert err["1x128"] < err["128x128"] < err["tensorwise"]
+    exact = torch.tensor([[448.0, 1.0, -0.5, 0.0] * 32])  # E4M3 values with max 448: every scale is 1
+    assert all(err_["rel_error"] == 0.0 for err_ in granularity_errors(exact, 128).values())
