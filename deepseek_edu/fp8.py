@@ -80,6 +80,10 @@ def _check(x: Tensor, block_size: int, scale_fmt: str | None, min_dim: int = 1) 
 def compute_scale(amax: Tensor, scale_fmt: str | None = None) -> Tensor:
     """Scale(s) from max-abs value(s): amax / 448; an all-zero group gets 1; `"ue8m0"` rounds up to 2^k.
 
+    amax / 448 is floored at fp32's smallest normal number: for a group whose amax is below about
+    5e-36 (subnormal values, e.g. tiny gradients) the division would round to a scale of 0, and the
+    group's zeros would become 0 / 0 = NaN.
+
     Args:
         amax: any shape, >= 0.
         scale_fmt: None (plain fp32 scale) or "ue8m0" (power of two, rounded up: |x / s| stays <= 448).
@@ -87,7 +91,8 @@ def compute_scale(amax: Tensor, scale_fmt: str | None = None) -> Tensor:
         fp32 scales, amax's shape, finite and > 0 wherever amax is finite.
     """
     amax = amax.float()
-    s = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    tiny = torch.finfo(torch.float32).tiny  # a scale of amax / 448 would underflow to 0 below ~5e-36
+    s = torch.where(amax > 0, (amax / FP8_E4M3_MAX).clamp(min=tiny), torch.ones_like(amax))
     if scale_fmt == "ue8m0":
         s = torch.exp2(torch.ceil(torch.log2(s)))
     return s

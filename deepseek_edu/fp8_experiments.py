@@ -31,6 +31,7 @@ from .fp8 import (
     weight_quant_ref,
 )
 from .model import Transformer
+from .optim import optimizer_step
 from .train import lm_loss
 
 GRANULARITY_NAMES = ("tensorwise", "per-row", "1x128", "128x128")
@@ -152,11 +153,8 @@ def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, 
         loss, metrics = lm_loss(model(x), y, model_cfg.mtp_loss_weight if model_cfg.n_mtp_depth else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        for m in model.modules():
-            if hasattr(m, "update_bias"):
-                m.update_bias()
+        # clip, skip a non-finite gradient (FP8 GEMMs can make one), step, move the router biases
+        optimizer_step(model, opt, grad_clip=1.0)
         losses.append(metrics["loss"])
     model.eval()
     val = BatchSampler(val_tokens, batch_size, seq_len, seed=12345)

@@ -77,6 +77,27 @@ def test_zero_tiles_get_finite_scale_and_zeros():
     assert st == 1.0 and not yt.float().any()
 
 
+def test_subnormal_tiles_get_a_positive_scale_and_no_nan():
+    # amax / 448 underflows to 0 in fp32 for amax below ~5e-36: the tile's zeros must not become 0/0 = NaN.
+    x = torch.zeros(2, 256)
+    x[0, 3], x[1, 200] = 1e-44, -3e-40
+    for fmt in (None, "ue8m0"):
+        y, s = act_quant_ref(x, scale_fmt=fmt)
+        assert torch.isfinite(s).all() and (s > 0).all()
+        assert not y.float().isnan().any() and torch.isfinite(act_dequant_ref(y, s)).all()
+    w = torch.zeros(130, 130)
+    w[3, 3] = -1e-43
+    yw, sw = weight_quant_ref(w)
+    assert (sw > 0).all() and not yw.float().isnan().any()
+    yt, st = quantize_tensorwise(x)
+    assert st > 0 and not yt.float().isnan().any()
+    lin = FP8Linear(128, 4)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 0] = 1e-44
+    assert torch.isfinite(lin(torch.randn(2, 128))).all()
+
+
 def test_scale_stored_is_scale_used():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 300, generator=g) * torch.logspace(-3, 3, 300)

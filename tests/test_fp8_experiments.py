@@ -66,6 +66,23 @@ def test_fp32_run_repeats_exactly_and_fp8_run_is_finite(small_cfg):
     assert c["loss"][0] == pytest.approx(a["loss"][0], rel=0.01)  # same weights, same batch: FP8 is close
 
 
+def test_a_non_finite_gradient_never_reaches_adamw(small_cfg, monkeypatch):
+    # train_run steps through optim.optimizer_step: a NaN gradient skips the step instead of poisoning the weights
+    import deepseek_edu.fp8_experiments as fx
+
+    def nan_grad_model(*args, **kwargs):
+        model = make_model(*args, **kwargs)
+        model.embed.weight.register_hook(lambda g: torch.full_like(g, math.nan))
+        return model
+
+    monkeypatch.setattr(fx, "make_model", nan_grad_model)
+    tokens = torch.randint(0, small_cfg.vocab_size, (4096,), generator=torch.Generator().manual_seed(0))
+    run = train_run(small_cfg, tokens, tokens, "fp32", 0, 2, 2, 16, val_batches=1, return_model=True)
+    start = make_model(small_cfg, "fp32", 0).state_dict()
+    after = run["model"].state_dict()
+    assert all(torch.equal(after[k], start[k]) for k in start) and math.isfinite(run["val_loss"])
+
+
 def test_relative_loss_error_is_the_trailing_mean_formula():
     assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     err = relative_loss_error([2.0, 2.2, 2.4], [2.0, 2.0, 2.0], window=2)
