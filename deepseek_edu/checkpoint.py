@@ -227,6 +227,8 @@ def config_differences(saved: dict[str, Any], asked: dict[str, Any],
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and raw metadata of a safetensors file, with clear errors; nothing stays mapped."""
+    if path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: it is a folder; name the .safetensors file inside it")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
     data = path.read_bytes()

@@ -478,6 +478,8 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nothing.safetensors")
+    with pytest.raises(CheckpointError, match="it is a folder"):
+        load_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("keep", [0, 7, 8, 100, 0.5, -1])
