@@ -1,4 +1,5 @@
-"""Evaluation of a language model: validation loss on fixed windows, unigram baselines, the device.
+"""Evaluation of a language model: validation loss on fixed windows, unigram baselines, the device,
+and the trailing mean that smooths a logged curve.
 
 Evaluation reads fixed, non-overlapping validation windows and draws no random numbers, so
 evaluating (or not) never shifts the training stream (`train.py` says why that matters for an exact
@@ -8,6 +9,7 @@ resume). Re-exported by `train.py`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,21 @@ from torch import Tensor
 from .config import TrainConfig
 from .data import TokenDataset, cross_entropy_unigram, iter_eval_batches, unigram_entropy
 from .model import Transformer
+
+
+def trailing_mean(values: Sequence[float], window: int = 10) -> list[float]:
+    """Trailing mean of a logged curve over `window` values (the first ones over what there is).
+
+    Raises:
+        ValueError: if window < 1.
+    """
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

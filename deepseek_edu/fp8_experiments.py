@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .data import BatchSampler
+from .evaluation import trailing_mean
 from .fp8 import (
     FP8_BLOCK,
     act_dequant_ref,
@@ -172,16 +173,7 @@ def channel_outliers(x: Tensor) -> dict[str, float]:
             "top_channel": int(amax.argmax()), "max_abs": float(amax.max())}
 
 
-def smoothed(values: list[float], window: int) -> list[float]:
-    """Trailing mean over `window` steps (the first values average what exists)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def relative_loss_error(loss: list[float], ref: list[float], window: int = 1) -> list[float]:
     """|L - L_ref| / L_ref step by step, after a trailing mean over `window` steps of both curves."""
-    a, b = smoothed(loss, window), smoothed(ref, window)
+    a, b = trailing_mean(loss, window), trailing_mean(ref, window)
     return [abs(x - y) / y if math.isfinite(x) else float("inf") for x, y in zip(a, b)]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from deepseek_edu.config import get_preset
+from deepseek_edu.evaluation import trailing_mean
 from deepseek_edu.fp8 import FP8Linear
 from deepseek_edu.fp8_experiments import (
     PERTURBATION,
@@ -21,7 +22,6 @@ from deepseek_edu.fp8_experiments import (
     granularity_errors,
     make_model,
     relative_loss_error,
-    smoothed,
     train_run,
 )
 
@@ -84,7 +84,7 @@ def test_a_non_finite_gradient_never_reaches_adamw(small_cfg, monkeypatch):
 
 
 def test_relative_loss_error_is_the_trailing_mean_formula():
-    assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     err = relative_loss_error([2.0, 2.2, 2.4], [2.0, 2.0, 2.0], window=2)
     assert err == pytest.approx([0.0, 0.05, 0.15])
     assert relative_loss_error([float("nan")], [1.0]) == [float("inf")]

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # importing pyplot in Jupyter registers the inl
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..evaluation import trailing_mean
 from .core import FIG_DPI, new_figure
 from .plots import _printable
 
@@ -67,15 +68,6 @@ def plot_grpo_loop() -> Figure:
     return fig
 
 
-def _smooth(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over `window` values (fewer at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def plot_grpo_run(history: Sequence[Mapping[str, float]], evals: Sequence[Mapping[str, float]],
                   n_eval: int | None = None, title: str = "") -> Figure:
     """Four panels of one GRPO run (`GRPOResult.history`, `.evals`): batch reward and accuracy (5-step
@@ -86,8 +78,8 @@ def plot_grpo_run(history: Sequence[Mapping[str, float]], evals: Sequence[Mappin
     steps = [h["step"] for h in history]
     fig, axes = new_figure(10.0, 5.4, nrows=2, ncols=2)
     (a1, a2), (a3, a4) = axes
-    a1.plot(steps, _smooth([h["reward"] for h in history], 5), color="#4c72b0", label="reward (sampled batch)")
-    a1.plot(steps, _smooth([h["accuracy"] for h in history], 5), color="#55a868", label="accuracy (sampled batch)")
+    a1.plot(steps, trailing_mean([h["reward"] for h in history], 5), color="#4c72b0", label="reward (sampled batch)")
+    a1.plot(steps, trailing_mean([h["accuracy"] for h in history], 5), color="#55a868", label="accuracy (sampled batch)")
     a1.set(xlabel="GRPO step", title="batch reward and accuracy (5-step mean)")
     a1.legend(fontsize=7)
     acc = np.array([e["accuracy"] for e in evals])
@@ -150,7 +142,7 @@ def plot_grpo_variants(bench: Mapping[str, Any]) -> Figure:
         hist = [r["history"] for r in by_seed.values()]
         hsteps = [h["step"] for h in hist[0]]
         for ax, key in ((b2, "kl"), (b3, "length")):
-            mean = np.mean([_smooth([h[key] for h in hh], 10) for hh in hist], axis=0)
+            mean = np.mean([trailing_mean([h[key] for h in hh], 10) for hh in hist], axis=0)
             ax.plot(hsteps, mean, color=color, label=v)
     b1.axhline(0, color="gray", ls="--", lw=1)
     target = bench.get("acceptance", {}).get("target_gain")

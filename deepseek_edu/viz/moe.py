@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..evaluation import trailing_mean
 from .core import _arrow, _box, _shape, _to_numpy, new_figure
 from .plots import plot_heatmap
 
@@ -57,17 +58,6 @@ def plot_group_routing(biased: Any, group_scores: Sequence[float], kept: Sequenc
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
-
-
-def trailing_mean(values: Sequence[float], window: int = 10) -> list[float]:
-    """Trailing mean over `window` values (the first ones over what there is). Raises ValueError if window < 1."""
-    if window < 1:
-        raise ValueError(f"window={window} must be >= 1")
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
 
 
 def plot_balance_runs(max_violation: Mapping[str, Sequence[float]], val_loss: Mapping[str, float],

@@ -16,8 +16,8 @@ from typing import Any
 import matplotlib.patches as mpatches
 from matplotlib.figure import Figure
 
+from ..evaluation import trailing_mean
 from .core import new_figure
-from .moe import trailing_mean
 
 V3_SPEEDUP = 1.8  # DeepSeek-V3 §5.4.3: 1.8x tokens per second with the MTP draft
 V3_ACCEPTANCE = (0.85, 0.90)  # DeepSeek-V3 §5.4.3: 85-90% of the second tokens accepted
