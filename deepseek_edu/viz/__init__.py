@@ -40,6 +40,7 @@ from __future__ import annotations
 from .core import (
     FIG_DPI,
     TOKEN_COLORS,
+    committed_results,
     explorer,
     figure_bundle,
     figure_png,
@@ -142,7 +143,7 @@ from .transformer import plot_causal_masks, plot_rope
 
 # The private names are re-exported for the tests that check them (`test_viz.py`).
 __all__ = [
-    "FIG_DPI", "TOKEN_COLORS", "explorer", "figure_bundle", "figure_png", "new_figure", "png_bundle",
+    "FIG_DPI", "TOKEN_COLORS", "committed_results", "explorer", "figure_bundle", "figure_png", "new_figure", "png_bundle",
     "png_bytes", "show", "show_plotly", "text_explorer", "plot_compression", "plot_token_lengths",
     "fp8_paper_vs_ours", "fp8_training_arms", "fp8_training_curves", "fp8_training_summary", "plot_accumulation", "plot_e4m3_number_line", "plot_fp8_linear_diagram",
     "plot_fp8_training", "plot_granularity_errors", "GRPO_VARIANT_COLORS", "grpo_loop_entries",

@@ -13,7 +13,9 @@ The small drawing primitives `_box`, `_arrow` and `_shape` serve the module diag
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import matplotlib.patches as mpatches
@@ -95,6 +97,17 @@ def _figure_of(ax: Any, width: float, height: float) -> tuple[Figure, Any]:
     if ax is None:
         return new_figure(width, height)
     return ax.figure, ax
+
+
+def committed_results(results_dir: Any, pattern: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The committed benchmark JSONs of `results_dir` matching `pattern`, sorted by file name, keyed by the
+    machine that made each: {"NVIDIA H200" or "CPU (1 thread)": (file name, result)}."""
+    out = {}
+    for f in sorted(Path(results_dir).glob(pattern)):
+        res = json.loads(f.read_text())
+        label = res["machine"].get("gpu", {}).get("name") or f"CPU ({res['machine']['torch_threads']} thread)"
+        out[label] = (f.name, res)
+    return out
 
 
 def _to_numpy(x: Any) -> np.ndarray:

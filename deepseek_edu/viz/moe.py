@@ -5,17 +5,15 @@ and layer benchmarks (`benchmarks/results/moe_*.json`) as the lines the notebook
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from ..evaluation import trailing_mean
-from .core import _arrow, _box, _shape, _to_numpy, new_figure
+from .core import _arrow, _box, _shape, _to_numpy, committed_results, new_figure
 from .plots import plot_heatmap
 
 GROUP_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c", "#e17c05")
@@ -349,12 +347,10 @@ def moe_layer_summary(results_dir: Any) -> tuple[dict[str, Any], list[str]]:
     """
     layer_runs: dict[str, Any] = {}
     lines: list[str] = []
-    for f in sorted(Path(results_dir).glob("moe_layer_*.json")):
-        res = json.loads(f.read_text())
-        label = res["machine"].get("gpu", {}).get("name") or f"CPU ({res['machine']['torch_threads']} thread)"
+    for label, (fname, res) in committed_results(results_dir, "moe_layer_*.json").items():
         layer_runs[label] = res
         st = res["settings"]
-        lines.append(f"{f.name}: {label}, {st['dtype']}, D={st['dim']}, M={st['width_M']}, {st['tokens']:,} tokens "
+        lines.append(f"{fname}: {label}, {st['dtype']}, D={st['dim']}, M={st['width_M']}, {st['tokens']:,} tokens "
                      f"per call")
         for name, r in [*res["layouts"].items(), *res.get("token_scaling", {}).items()]:
             ra = r["ratios"]

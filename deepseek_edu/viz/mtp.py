@@ -8,16 +8,14 @@ what each head predicts at every position; `plot_mtp_arms` a run with and withou
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.patches as mpatches
 from matplotlib.figure import Figure
 
 from ..evaluation import trailing_mean
-from .core import new_figure
+from .core import committed_results, new_figure
 
 V3_SPEEDUP = 1.8  # DeepSeek-V3 §5.4.3: 1.8x tokens per second with the MTP draft
 V3_ACCEPTANCE = (0.85, 0.90)  # DeepSeek-V3 §5.4.3: 85-90% of the second tokens accepted
@@ -162,13 +160,11 @@ def speculative_summary(results_dir: Any) -> tuple[dict[str, dict[str, Any]], li
     """
     bench: dict[str, dict[str, Any]] = {}
     lines: list[str] = []
-    for f in sorted(Path(results_dir).glob("speculative_*.json")):
-        res = json.loads(f.read_text())
-        label = res["machine"].get("gpu", {}).get("name") or f"CPU ({res['machine']['torch_threads']} thread)"
+    for label, (fname, res) in committed_results(results_dir, "speculative_*.json").items():
         bench[label] = res
         d, b, m, tf = res["decoding"], res["breakdown"], res["model"], res["teacher_forced"]
         lines += [
-            f"{f.name}: {label}, {res['settings']['decode_dtype']}; model: {m.get('val_loss') or float('nan'):.3f} "
+            f"{fname}: {label}, {res['settings']['decode_dtype']}; model: {m.get('val_loss') or float('nan'):.3f} "
             f"val nats/token after {speculative_steps(res)} steps ({m['source']})",
             f"  acceptance {d['acceptance_rate']:.3f} ({d['tokens_per_step']:.2f} tokens per main forward); "
             f"teacher-forced draft agreement {tf['draft_agreement']:.3f}; same tokens as greedy: {d['all_same_tokens']}",
