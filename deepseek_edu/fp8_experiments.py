@@ -6,6 +6,10 @@
 3. `train_run`: the same tiny DeepSeek, same seed, same batches, trained in FP32, in FP8 with V3's
    fine-grained scaling and in FP8 with tensorwise scaling (V3 §3.3, App. B.1: relative loss error
    below 0.25%).
+4. `gradient_errors`: at the FP32 run's own weights, how far each FP8 recipe's loss and gradient are from
+   FP32's on the same batch. Loss curves of separate runs drift apart by chaos (any change, even one part in
+   a million, moves them by tenths of a percent), so they cannot compare two recipes whose costs are smaller
+   than that; the error of one backward pass at the same weights has no chaos in it.
 """
 
 from __future__ import annotations
@@ -135,23 +139,76 @@ def make_model(model_cfg: ModelConfig, precision: str, seed: int, block_size: in
     return model
 
 
+PROBE_RECIPES = {"fp8": "blockwise", "fp8-tensorwise": "tensorwise"}  # arm -> FP8Linear granularity
+
+
+def _loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, mtp_loss_weight: float | None) -> tuple[float, Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss, metrics = lm_loss(model(x), y, mtp_loss_weight)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
+    return metrics["loss"], grad
+
+
+def gradient_errors(model: nn.Module, batches: list[tuple[Tensor, Tensor]], mtp_loss_weight: float | None = None,
+                    block_size: int = FP8_BLOCK) -> dict[str, dict[str, list[float]]]:
+    """Each FP8 recipe's loss and gradient against FP32's, at `model`'s weights, one training forward-backward per batch.
+
+    Args:
+        model: an FP32 `Transformer` (not changed: every pass runs on a deep copy in train mode, under a
+            forked RNG).
+        batches: [(x, y)], each (B, S) int64 token ids and targets.
+        mtp_loss_weight: as `lm_loss` (None: no MTP term).
+    Returns:
+        {arm: {"grad_rel_error": [||g_q - g|| / ||g|| per batch], "loss_rel_error": [|L_q - L| / L per batch]}}
+        for arm in PROBE_RECIPES, with g the gradient of every parameter (flattened, in FP32) and L the loss.
+    """
+    out = {arm: {"grad_rel_error": [], "loss_rel_error": []} for arm in PROBE_RECIPES}
+    with torch.random.fork_rng(devices=[]):
+        for x, y in batches:
+            ref_loss, ref_grad = _loss_and_grad(copy.deepcopy(model).train(), x, y, mtp_loss_weight)
+            for arm, granularity in PROBE_RECIPES.items():
+                q = to_fp8(copy.deepcopy(model).train(), granularity, block_size)
+                loss, grad = _loss_and_grad(q, x, y, mtp_loss_weight)
+                out[arm]["grad_rel_error"].append(float((grad - ref_grad).norm() / ref_grad.norm()))
+                out[arm]["loss_rel_error"].append(abs(loss - ref_loss) / ref_loss)
+    return out
+
+
 def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, precision: str, seed: int,
               steps: int, batch_size: int, seq_len: int, lr: float = 3e-3, data_seed: int = 0,
-              block_size: int = FP8_BLOCK, val_batches: int = 8, return_model: bool = False) -> dict[str, object]:
+              block_size: int = FP8_BLOCK, val_batches: int = 8, return_model: bool = False,
+              probe_every: int = 0, probe_batches: int = 4) -> dict[str, object]:
     """Train `steps` AdamW steps from `seed` on batches from `data_seed`; per-step loss and final val loss.
 
     FP32 master weights and optimizer state in every precision; only the FP8Linear GEMM inputs change.
+    With `probe_every` > 0 (FP32 only), `gradient_errors` runs at steps 0, probe_every, ... and after the
+    last step, on the same `probe_batches` held-out batches each time; the probes leave the run bitwise as it
+    would be without them.
     Returns: {"precision", "seed", "loss": [per step, the total training loss], "val_loss": float}
-    (and "model", the trained model, with `return_model`).
+    (and "model", the trained model, with `return_model`; "probes": [{"step", **gradient_errors}] with probes).
+    Raises:
+        ValueError: for an unknown precision, or probes asked of a run that is not FP32.
     """
+    if probe_every and precision != "fp32":
+        raise ValueError(f"probe_every={probe_every} needs precision='fp32' (the probes compare FP8 with FP32 "
+                         f"at FP32's weights), got {precision!r}")
     model = make_model(model_cfg, precision, seed, block_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     sampler = BatchSampler(train_tokens, batch_size, seq_len, seed=data_seed)
+    mtp_weight = model_cfg.mtp_loss_weight if model_cfg.n_mtp_depth else None
+    probe_set = ([BatchSampler(val_tokens, batch_size, seq_len, seed=777).batch(i) for i in range(probe_batches)]
+                 if probe_every else [])
+    probes = []
     losses = []
     model.train()
-    for step in range(steps):
+    for step in range(steps + 1):
+        if probe_every and (step % probe_every == 0 or step == steps):
+            probes.append({"step": step, **gradient_errors(model, probe_set, mtp_weight, block_size)})
+        if step == steps:
+            break
         x, y = sampler.batch(step)
-        loss, metrics = lm_loss(model(x), y, model_cfg.mtp_loss_weight if model_cfg.n_mtp_depth else None)
+        loss, metrics = lm_loss(model(x), y, mtp_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # clip, skip a non-finite gradient (FP8 GEMMs can make one), step, move the router biases
@@ -163,7 +220,45 @@ def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, 
         vl = [float(torch.nn.functional.cross_entropy(model(x, mtp=False).logits.flatten(0, 1), y.flatten()))
               for x, y in (val.batch(i) for i in range(val_batches))]
     out = {"precision": precision, "seed": seed, "loss": losses, "val_loss": sum(vl) / len(vl)}
+    if probe_every:
+        out["probes"] = probes
     return {**out, "model": model} if return_model else out
+
+
+def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
+    """Summarise `train_run`'s probes of several seeds: tensorwise against fine-grained, paired at the same weights.
+
+    Args:
+        probes: {seed: train_run(...)["probes"]}.
+    Returns:
+        "by_step": {step: {arm: mean grad_rel_error over seeds and batches}};
+        "per_seed": {arm: {seed: mean grad_rel_error}}, "mean": {arm: mean over every probe};
+        "paired": the differences tensorwise - fine-grained of the same (seed, step, batch): their "n", "mean",
+        "se" (standard error of the mean), "fraction_positive", "per_seed_mean" {seed: mean}, and "ratio"
+        (mean tensorwise error / mean fine-grained error).
+    Raises:
+        ValueError: if there are no probes.
+    """
+    arms = list(PROBE_RECIPES)
+    vals = {arm: {seed: [e for p in ps for e in p[arm]["grad_rel_error"]] for seed, ps in probes.items()} for arm in arms}
+    diffs = {seed: [t - b for t, b in zip(vals["fp8-tensorwise"][seed], vals["fp8"][seed])] for seed in probes}
+    flat = [d for ds in diffs.values() for d in ds]
+    if not flat:
+        raise ValueError("no probes: run train_run with probe_every > 0")
+    mean = {arm: sum(sum(v) for v in vals[arm].values()) / len(flat) for arm in arms}
+    d_mean = sum(flat) / len(flat)
+    se = math.sqrt(sum((d - d_mean) ** 2 for d in flat) / max(len(flat) - 1, 1) / len(flat))
+    steps = sorted({p["step"] for ps in probes.values() for p in ps})
+    by_step = {}
+    for step in steps:
+        at = [p for ps in probes.values() for p in ps if p["step"] == step]
+        by_step[step] = {arm: sum(sum(p[arm]["grad_rel_error"]) for p in at) / sum(len(p[arm]["grad_rel_error"]) for p in at)
+                         for arm in arms}
+    return {"by_step": by_step, "per_seed": {arm: {s: sum(v) / len(v) for s, v in vals[arm].items()} for arm in arms},
+            "mean": mean,
+            "paired": {"n": len(flat), "mean": d_mean, "se": se, "fraction_positive": sum(d > 0 for d in flat) / len(flat),
+                       "per_seed_mean": {s: sum(ds) / len(ds) for s, ds in diffs.items()},
+                       "ratio": mean["fp8-tensorwise"] / mean["fp8"]}}
 
 
 def channel_outliers(x: Tensor) -> dict[str, float]:

@@ -3,7 +3,8 @@
 The committed runs of `benchmarks/fp8_training.py` rest on three facts checked here: every arm starts
 from the same weights (the control arm from those weights perturbed by one part in a million), an FP32
 run repeats itself exactly (so `--reuse` can add arms to an earlier run), and the relative loss error
-is the trailing-mean formula the notebook states.
+is the trailing-mean formula the notebook states. The gradient-error probes, which compare the two FP8
+recipes at the FP32 run's weights, must leave that run bitwise as it is and see outlier channels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from deepseek_edu.fp8 import FP8Linear
 from deepseek_edu.fp8_experiments import (
     PERTURBATION,
     PRECISIONS,
+    gradient_error_summary,
+    gradient_errors,
     granularity_errors,
     make_model,
     relative_loss_error,
@@ -101,3 +104,67 @@ def test_outlier_channels_hurt_tensorwise_more_than_fine_tiles():
     assert err["1x128"] < err["128x128"] < err["tensorwise"]
     exact = torch.tensor([[448.0, 1.0, -0.5, 0.0] * 32])  # E4M3 values with max 448: every scale is 1
     assert all(err_["rel_error"] == 0.0 for err_ in granularity_errors(exact, 128).values())
+
+
+def test_probes_leave_the_fp32_run_bitwise_unchanged(small_cfg):
+    tokens = torch.randint(0, small_cfg.vocab_size, (4096,), generator=torch.Generator().manual_seed(0))
+    plain = train_run(small_cfg, tokens, tokens, "fp32", 0, 4, 2, 16, val_batches=1)
+    probed = train_run(small_cfg, tokens, tokens, "fp32", 0, 4, 2, 16, val_batches=1, probe_every=3, probe_batches=2)
+    assert probed["loss"] == plain["loss"] and probed["val_loss"] == plain["val_loss"]
+    assert [p["step"] for p in probed["probes"]] == [0, 3, 4]  # every 3 steps, and the end
+    for p in probed["probes"]:
+        for arm in ("fp8", "fp8-tensorwise"):
+            assert len(p[arm]["grad_rel_error"]) == 2 and all(0 < e < 0.5 for e in p[arm]["grad_rel_error"])
+    with pytest.raises(ValueError, match="probe_every"):
+        train_run(small_cfg, tokens, tokens, "fp8", 0, 2, 2, 16, probe_every=1)
+
+
+def test_gradient_errors_are_the_stated_formula_and_leave_the_model_alone(small_cfg):
+    import copy
+
+    from deepseek_edu.fp8 import to_fp8
+    from deepseek_edu.train import lm_loss
+
+    model = make_model(small_cfg, "fp32", seed=0)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, small_cfg.vocab_size, (2, 16), generator=g),
+                torch.randint(0, small_cfg.vocab_size, (2, 16), generator=g)) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    out = gradient_errors(model, batches, small_cfg.mtp_loss_weight, block_size=32)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+
+    def loss_grad(m, x, y):  # written out again: one training forward-backward, every parameter's gradient
+        loss, _ = lm_loss(m(x), y, small_cfg.mtp_loss_weight)
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+
+    for i, (x, y) in enumerate(batches):
+        ref_l, ref_g = loss_grad(copy.deepcopy(model), x, y)
+        for arm, gran in (("fp8", "blockwise"), ("fp8-tensorwise", "tensorwise")):
+            l_q, g_q = loss_grad(to_fp8(copy.deepcopy(model), gran, 32), x, y)
+            assert out[arm]["grad_rel_error"][i] == pytest.approx(float((g_q - ref_g).norm() / ref_g.norm()), rel=1e-6)
+            assert out[arm]["loss_rel_error"][i] == pytest.approx(abs(l_q - ref_l) / ref_l, rel=1e-6, abs=1e-9)
+            assert 0.005 < out[arm]["grad_rel_error"][i] < 0.2  # E4M3 rounds each input by up to 6.25%
+    assert out["fp8"]["grad_rel_error"] != out["fp8-tensorwise"]["grad_rel_error"]
+
+
+def test_gradient_error_summary_pairs_probes_of_the_same_weights_and_batch():
+    def probe(step, bw, tw):
+        return {"step": step, "fp8": {"grad_rel_error": bw, "loss_rel_error": [0.0] * len(bw)},
+                "fp8-tensorwise": {"grad_rel_error": tw, "loss_rel_error": [0.0] * len(tw)}}
+
+    probes = {0: [probe(0, [0.1, 0.2], [0.1, 0.3]), probe(5, [0.2, 0.2], [0.4, 0.2])],
+              1: [probe(0, [0.1, 0.1], [0.2, 0.2]), probe(5, [0.3, 0.1], [0.2, 0.2])]}
+    s = gradient_error_summary(probes)
+    diffs = [0.0, 0.1, 0.2, 0.0, 0.1, 0.1, -0.1, 0.1]
+    mean = sum(diffs) / 8
+    assert s["paired"]["n"] == 8 and s["paired"]["mean"] == pytest.approx(mean)
+    assert s["paired"]["se"] == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in diffs) / 7 / 8))
+    assert s["paired"]["fraction_positive"] == pytest.approx(5 / 8)
+    assert s["paired"]["per_seed_mean"] == pytest.approx({0: 0.075, 1: 0.05})
+    assert s["by_step"][5] == pytest.approx({"fp8": 0.2, "fp8-tensorwise": 0.25})
+    assert s["mean"]["fp8"] == pytest.approx(1.3 / 8) and s["paired"]["ratio"] == pytest.approx(1.8 / 1.3)
+    with pytest.raises(ValueError, match="no probes"):
+        gradient_error_summary({0: []})

@@ -767,3 +767,23 @@ def test_fp8_paper_vs_ours_reads_the_committed_numbers():
     assert f"{100 * t['final_rel_loss_error']['fp8']['max']:.3f}% training loss" in table
     assert f"{100 * t['final_val_rel_error']['fp32-perturbed']['max']:.3f}%" in table
     assert table.count("\n") == 1 + 5 and "not reported" not in table  # header rule + 5 rows, each with V3's figure
+    ge = t["gradient_error"]
+    assert f"{100 * ge['mean']['fp8-tensorwise']:.2f}% vs {100 * ge['mean']['fp8']:.2f}%" in table
+
+
+def test_fp8_gradient_error_of_the_committed_run_is_summarised_and_drawn():
+    t = _fp8_training_json()
+    ge = t["gradient_error"]
+    # the summary in the JSON is the one gradient_error_summary makes of the JSON's own probes
+    from deepseek_edu.fp8_experiments import gradient_error_summary
+    again = gradient_error_summary({int(s): ps for s, ps in t["probes"].items()})
+    assert again["paired"]["mean"] == pytest.approx(ge["paired"]["mean"])
+    assert again["mean"] == pytest.approx(ge["mean"])
+    lines = viz.fp8_gradient_error_summary(t)
+    assert f"{100 * ge['mean']['fp8']:.2f}%" in lines[1] and f"{100 * ge['paired']['se']:.2f}" in lines[2]
+    assert f"{ge['paired']['n']} probes" in lines[0]
+    fig = viz.plot_fp8_gradient_error(ge["by_step"])
+    (bw, tw) = fig.axes[0].lines
+    assert list(bw.get_xdata()) == sorted(int(s) for s in ge["by_step"])
+    assert tw.get_ydata()[-1] == pytest.approx(100 * ge["by_step"][max(ge["by_step"], key=int)]["fp8-tensorwise"])
+    plt.close(fig)

@@ -53,12 +53,14 @@ from .core import (
 )
 from .data import plot_compression, plot_token_lengths
 from .fp8 import (
+    fp8_gradient_error_summary,
     fp8_paper_vs_ours,
     fp8_training_arms,
     fp8_training_curves,
     fp8_training_summary,
     plot_accumulation,
     plot_e4m3_number_line,
+    plot_fp8_gradient_error,
     plot_fp8_linear_diagram,
     plot_fp8_training,
     plot_granularity_errors,
@@ -145,8 +147,8 @@ from .transformer import plot_causal_masks, plot_rope
 __all__ = [
     "FIG_DPI", "TOKEN_COLORS", "committed_results", "explorer", "figure_bundle", "figure_png", "new_figure", "png_bundle",
     "png_bytes", "show", "show_plotly", "text_explorer", "plot_compression", "plot_token_lengths",
-    "fp8_paper_vs_ours", "fp8_training_arms", "fp8_training_curves", "fp8_training_summary", "plot_accumulation", "plot_e4m3_number_line", "plot_fp8_linear_diagram",
-    "plot_fp8_training", "plot_granularity_errors", "GRPO_VARIANT_COLORS", "grpo_loop_entries",
+    "fp8_gradient_error_summary", "fp8_paper_vs_ours", "fp8_training_arms", "fp8_training_curves", "fp8_training_summary", "plot_accumulation", "plot_e4m3_number_line", "plot_fp8_linear_diagram",
+    "plot_fp8_gradient_error", "plot_fp8_training", "plot_granularity_errors", "GRPO_VARIANT_COLORS", "grpo_loop_entries",
     "grpo_variant_rows", "plot_grpo_loop", "plot_grpo_run", "plot_grpo_variants", "plot_reward_breakdown",
     "H200_DATASHEET", "h200_ceilings", "plot_quant_layouts", "plot_roofline", "DECODE_KIND_STYLE",
     "KV_KIND_COLORS", "DecodeSpeedSummary", "decode_speed_summary", "decode_tokens_per_s", "kv_cache_curves",

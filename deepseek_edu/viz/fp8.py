@@ -73,6 +73,38 @@ def plot_fp8_training(rel_err: Mapping[str, Sequence[float]], spread: Sequence[f
     return fig
 
 
+def plot_fp8_gradient_error(by_step: Mapping[Any, Mapping[str, float]], title: str = "") -> Figure:
+    """Relative gradient error (%) of each FP8 recipe against FP32 at the same weights, against training step.
+
+    by_step: {step: {"fp8": error, "fp8-tensorwise": error}}, as `fp8_experiments.gradient_error_summary`'s
+    "by_step" (step keys may be strings, as read back from JSON).
+    """
+    steps = sorted(by_step, key=int)
+    fig, ax = new_figure(6.0, 3.0)
+    for arm, label, color in (("fp8", "FP8, fine-grained tiles", "#4c72b0"),
+                              ("fp8-tensorwise", "FP8, one scale per tensor", "#c44e52")):
+        ax.plot([int(s) for s in steps], [100 * by_step[s][arm] for s in steps], "o-", color=color, label=label)
+    ax.set(xlabel="training step of the FP32 run", ylabel="||g_FP8 - g_FP32|| / ||g_FP32|| (%)", title=title)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def fp8_gradient_error_summary(training: Mapping[str, Any]) -> list[str]:
+    """The committed run's gradient-error probes (`gradient_error` of a fp8_training JSON) as lines of text."""
+    g = training["gradient_error"]
+    p, cfg = g["paired"], training["config"]
+    seeds = ", ".join(f"{100 * v:+.2f}" for v in p["per_seed_mean"].values())
+    return [f"committed: {p['n']} probes (every {cfg['probe_every']} steps of {len(g['per_seed']['fp8'])} FP32 runs, "
+            f"{cfg['probe_batches']} held-out batches each), gradient error against FP32 at the same weights:",
+            f"  fine-grained {100 * g['mean']['fp8']:.2f}%, tensorwise {100 * g['mean']['fp8-tensorwise']:.2f}% "
+            f"(x{p['ratio']:.2f})",
+            f"  paired difference tensorwise - fine-grained: {100 * p['mean']:+.2f} ± {100 * p['se']:.2f} points "
+            f"(standard error); per seed {seeds}; tensorwise worse in {p['fraction_positive']:.0%} of probes"]
+
+
 def plot_fp8_linear_diagram() -> Figure:
     """The three GEMMs of an FP8 linear layer (V3 Fig. 6), with the granularity of each FP8 input."""
     fig, ax = new_figure(7.0, 3.0)
@@ -149,9 +181,14 @@ def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, An
          f"{100 * fin['fp8']['max']:.3f}% training loss (max over seeds), {100 * val['fp8']['max']:.3f}% validation"
          + (f"; FP32 with weights perturbed by 1e-6, by chaos alone: {100 * fin['fp32-perturbed']['max']:.3f}% / "
             f"{100 * val['fp32-perturbed']['max']:.3f}%" if "fp32-perturbed" in fin else "")),
-        ("activation error: tensorwise vs 1x128", "outliers motivate fine-grained scaling (§3.3.1)",
-         f"{100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}%"),
+        ("error, tensorwise vs fine-grained", "outliers motivate fine-grained scaling (§3.3.1)",
+         f"activations {100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}% (1x128)"),
     ]
+    if training.get("gradient_error"):
+        ge = training["gradient_error"]
+        rows[-1] = (*rows[-1][:2], f"{rows[-1][2]}; training gradient {100 * ge['mean']['fp8-tensorwise']:.2f}% vs "
+                    f"{100 * ge['mean']['fp8']:.2f}% at the same weights (x{ge['paired']['ratio']:.2f}, "
+                    f"{ge['paired']['n']} probes)")
     lines = ["| quantity | DeepSeek-V3 | ours |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
