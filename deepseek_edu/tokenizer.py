@@ -208,9 +208,10 @@ class IncrementalDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, ids: int | Sequence[int] | Tensor) -> str:
-        """Feed one id or several; returns the text completed by them (possibly "")."""
-        if isinstance(ids, int):
-            ids = [ids]
+        """Feed one id (a Python or NumPy integer, or a 0-d tensor) or several; returns the text completed by them
+        (possibly ""). Raises ValueError for an id outside [0, vocab_size), TypeError for a non-integer."""
+        if not isinstance(ids, (Tensor, Iterable)):
+            ids = [operator.index(ids)]  # int, np.int64, ...
         return self._utf8.decode(self.tokenizer.decode_bytes(ids, self.skip_special))
 
     def flush(self) -> str:
