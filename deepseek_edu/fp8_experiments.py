@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from .data import BatchSampler
 from .evaluation import trailing_mean
 from .fp8 import (
     FP8_BLOCK,
+    FP8Linear,
     act_dequant_ref,
     act_quant_ref,
     limited_precision_matmul,
@@ -140,14 +142,31 @@ def make_model(model_cfg: ModelConfig, precision: str, seed: int, block_size: in
 
 
 PROBE_RECIPES = {"fp8": "blockwise", "fp8-tensorwise": "tensorwise"}  # arm -> FP8Linear granularity
+PROBE_SEED = 777  # the held-out batches every probe uses (`probe_batches_of`)
+PROBE_FIELDS = ("step", *PROBE_RECIPES, "outlier_ratio")  # what one probe of `train_run` records
+
+
+def probe_batches_of(val_tokens: Tensor, batch_size: int, seq_len: int, n: int) -> list[tuple[Tensor, Tensor]]:
+    """The `n` held-out (x, y) batches, each (batch_size, seq_len) int64, on which `train_run` probes."""
+    val = BatchSampler(val_tokens, batch_size, seq_len, seed=PROBE_SEED)
+    return [val.batch(i) for i in range(n)]
 
 
 def _loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, mtp_loss_weight: float | None) -> tuple[float, Tensor]:
     model.zero_grad(set_to_none=True)
     loss, metrics = lm_loss(model(x), y, mtp_loss_weight)
     loss.backward()
-    grad = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
-    return metrics["loss"], grad
+    return metrics["loss"], torch.cat([p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel())
+                                       for p in model.parameters()])
+
+
+def _train_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in train mode whose MoE layers take the per-expert loop (the path `to_fp8` sets)."""
+    twin = copy.deepcopy(model).train()
+    for m in twin.modules():
+        if hasattr(m, "dispatch_impl"):
+            m.dispatch_impl = "loop"
+    return twin
 
 
 def gradient_errors(model: nn.Module, batches: list[tuple[Tensor, Tensor]], mtp_loss_weight: float | None = None,
@@ -157,22 +176,43 @@ def gradient_errors(model: nn.Module, batches: list[tuple[Tensor, Tensor]], mtp_
     Args:
         model: an FP32 `Transformer` (not changed: every pass runs on a deep copy in train mode, under a
             forked RNG).
-        batches: [(x, y)], each (B, S) int64 token ids and targets.
+        batches: [(x, y)], each (B, S) int64 token ids and targets; at least one.
         mtp_loss_weight: as `lm_loss` (None: no MTP term).
     Returns:
         {arm: {"grad_rel_error": [||g_q - g|| / ||g|| per batch], "loss_rel_error": [|L_q - L| / L per batch]}}
         for arm in PROBE_RECIPES, with g the gradient of every parameter (flattened, in FP32) and L the loss.
+    Raises:
+        ValueError: no batches, or a model that already has FP8 layers (its "FP32" reference would be FP8 too).
     """
+    if not batches:
+        raise ValueError("gradient_errors needs at least one (x, y) batch")
+    if any(isinstance(m, FP8Linear) for m in model.modules()):
+        raise ValueError("gradient_errors compares FP8 with FP32: pass the FP32 model, not one after to_fp8")
     out = {arm: {"grad_rel_error": [], "loss_rel_error": []} for arm in PROBE_RECIPES}
     with torch.random.fork_rng(devices=[]):
         for x, y in batches:
-            ref_loss, ref_grad = _loss_and_grad(copy.deepcopy(model).train(), x, y, mtp_loss_weight)
+            ref_loss, ref_grad = _loss_and_grad(_train_copy(model), x, y, mtp_loss_weight)
             for arm, granularity in PROBE_RECIPES.items():
-                q = to_fp8(copy.deepcopy(model).train(), granularity, block_size)
+                q = to_fp8(_train_copy(model), granularity, block_size)
                 loss, grad = _loss_and_grad(q, x, y, mtp_loss_weight)
                 out[arm]["grad_rel_error"].append(float((grad - ref_grad).norm() / ref_grad.norm()))
                 out[arm]["loss_rel_error"].append(abs(loss - ref_loss) / ref_loss)
     return out
+
+
+def linear_input_outliers(model: nn.Module, tokens: Tensor, min_rows: int = 16) -> dict[str, float]:
+    """How far outlier channels stand out in the inputs of `model`'s linear layers, on one forward of `tokens`.
+
+    Per linear layer with at least `min_rows` input rows (an expert may see few tokens), `channel_outliers`'
+    max_over_median (largest channel's max |x| over the median channel's); returned: their "median" and "max"
+    over layers. Runs on a deep copy under a forked RNG, so `model` is not changed.
+    """
+    with torch.random.fork_rng(devices=[]):
+        inputs = capture_linear_inputs(_train_copy(model), tokens)
+    ratios = sorted(channel_outliers(x)["max_over_median"] for x in inputs.values() if x.shape[0] >= min_rows)
+    if not ratios:
+        raise ValueError(f"no linear layer saw {min_rows} or more rows: pass more tokens")
+    return {"median": statistics.median(ratios), "max": ratios[-1]}
 
 
 def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, precision: str, seed: int,
@@ -182,14 +222,19 @@ def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, 
     """Train `steps` AdamW steps from `seed` on batches from `data_seed`; per-step loss and final val loss.
 
     FP32 master weights and optimizer state in every precision; only the FP8Linear GEMM inputs change.
-    With `probe_every` > 0 (FP32 only), `gradient_errors` runs at steps 0, probe_every, ... and after the
-    last step, on the same `probe_batches` held-out batches each time; the probes leave the run bitwise as it
-    would be without them.
+    With `probe_every` > 0 (FP32 only), a probe runs at steps 0, probe_every, ... and after the last step,
+    on the same `probe_batches` held-out batches (`probe_batches_of`) each time: `gradient_errors`, and the
+    `linear_input_outliers` of the first batch. The probes leave the run bitwise as it would be without them.
     Returns: {"precision", "seed", "loss": [per step, the total training loss], "val_loss": float}
-    (and "model", the trained model, with `return_model`; "probes": [{"step", **gradient_errors}] with probes).
+    (and "model", the trained model, with `return_model`; "probes": [{"step", **gradient_errors,
+    "outlier_ratio"}] with probes).
     Raises:
-        ValueError: for an unknown precision, or probes asked of a run that is not FP32.
+        ValueError: for an unknown precision; probes asked of a run that is not FP32; probe_every < 0, or
+            probe_every > 0 with probe_batches < 1.
     """
+    if probe_every < 0 or (probe_every and probe_batches < 1):
+        raise ValueError(f"probe_every={probe_every} must be >= 0 (0: no probes) and probe_batches={probe_batches} "
+                         ">= 1 when probing")
     if probe_every and precision != "fp32":
         raise ValueError(f"probe_every={probe_every} needs precision='fp32' (the probes compare FP8 with FP32 "
                          f"at FP32's weights), got {precision!r}")
@@ -197,14 +242,14 @@ def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     sampler = BatchSampler(train_tokens, batch_size, seq_len, seed=data_seed)
     mtp_weight = model_cfg.mtp_loss_weight if model_cfg.n_mtp_depth else None
-    probe_set = ([BatchSampler(val_tokens, batch_size, seq_len, seed=777).batch(i) for i in range(probe_batches)]
-                 if probe_every else [])
+    probe_set = probe_batches_of(val_tokens, batch_size, seq_len, probe_batches) if probe_every else []
     probes = []
     losses = []
     model.train()
     for step in range(steps + 1):
         if probe_every and (step % probe_every == 0 or step == steps):
-            probes.append({"step": step, **gradient_errors(model, probe_set, mtp_weight, block_size)})
+            probes.append({"step": step, **gradient_errors(model, probe_set, mtp_weight, block_size),
+                           "outlier_ratio": linear_input_outliers(model, probe_set[0][0])})
         if step == steps:
             break
         x, y = sampler.batch(step)
@@ -228,36 +273,54 @@ def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, 
 def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
     """Summarise `train_run`'s probes of several seeds: tensorwise against fine-grained, paired at the same weights.
 
+    The unit of independence is the seed: the probes of one run share its trajectory, and every run is probed
+    on the same batches, so the standard error is taken over the seeds' mean differences, not over probes.
+
     Args:
-        probes: {seed: train_run(...)["probes"]}.
+        probes: {seed: train_run(...)["probes"]}, every seed with at least one probe.
     Returns:
-        "by_step": {step: {arm: mean grad_rel_error over seeds and batches}};
-        "per_seed": {arm: {seed: mean grad_rel_error}}, "mean": {arm: mean over every probe};
-        "paired": the differences tensorwise - fine-grained of the same (seed, step, batch): their "n", "mean",
-        "se" (standard error of the mean), "fraction_positive", "per_seed_mean" {seed: mean}, and "ratio"
-        (mean tensorwise error / mean fine-grained error).
+        "by_step": {step: {arm: mean grad_rel_error over seeds and batches, and when recorded "outlier_ratio"
+        and "outlier_ratio_max": the median over seeds of each probe's median and largest layer ratio}}; "per_seed": {arm: {seed: mean}};
+        "mean": {arm: mean grad_rel_error over every (seed, step, batch)}; "loss_mean": the same of loss_rel_error;
+        "paired": the differences tensorwise - fine-grained at the same (seed, step, batch): "n_pairs",
+        "n_probes" (seed x step), "mean", "fraction_positive", "per_seed_mean" {seed: mean}, "seed_se" (standard
+        deviation of the per-seed means over sqrt(seeds); nan with one seed), "t_seeds" (the mean of the per-seed
+        means over seed_se) and
+        "ratio" (mean tensorwise error / mean fine-grained error).
     Raises:
-        ValueError: if there are no probes.
+        ValueError: no probes, a seed without probes, or a probe whose arms have different numbers of batches.
     """
     arms = list(PROBE_RECIPES)
+    if not probes or any(not ps for ps in probes.values()):
+        raise ValueError("no probes (for some seed): run train_run with probe_every > 0")
+    for seed, ps in probes.items():
+        for p in ps:
+            lens = {len(p[arm][key]) for arm in arms for key in ("grad_rel_error", "loss_rel_error")}
+            if len(lens) != 1 or 0 in lens:
+                raise ValueError(f"seed {seed}, step {p['step']}: the arms' lists of batches differ or are empty")
     vals = {arm: {seed: [e for p in ps for e in p[arm]["grad_rel_error"]] for seed, ps in probes.items()} for arm in arms}
     diffs = {seed: [t - b for t, b in zip(vals["fp8-tensorwise"][seed], vals["fp8"][seed])] for seed in probes}
     flat = [d for ds in diffs.values() for d in ds]
-    if not flat:
-        raise ValueError("no probes: run train_run with probe_every > 0")
     mean = {arm: sum(sum(v) for v in vals[arm].values()) / len(flat) for arm in arms}
-    d_mean = sum(flat) / len(flat)
-    se = math.sqrt(sum((d - d_mean) ** 2 for d in flat) / max(len(flat) - 1, 1) / len(flat))
-    steps = sorted({p["step"] for ps in probes.values() for p in ps})
+    losses = {arm: [e for ps in probes.values() for p in ps for e in p[arm]["loss_rel_error"]] for arm in arms}
+    seed_means = [sum(ds) / len(ds) for ds in diffs.values()]
+    seed_mean = sum(seed_means) / len(seed_means)
+    seed_se = (math.sqrt(sum((m - seed_mean) ** 2 for m in seed_means) / (len(seed_means) - 1) / len(seed_means))
+               if len(seed_means) > 1 else math.nan)
     by_step = {}
-    for step in steps:
+    for step in sorted({p["step"] for ps in probes.values() for p in ps}):
         at = [p for ps in probes.values() for p in ps if p["step"] == step]
         by_step[step] = {arm: sum(sum(p[arm]["grad_rel_error"]) for p in at) / sum(len(p[arm]["grad_rel_error"]) for p in at)
                          for arm in arms}
+        if all("outlier_ratio" in p for p in at):
+            by_step[step]["outlier_ratio"] = statistics.median(p["outlier_ratio"]["median"] for p in at)
+            by_step[step]["outlier_ratio_max"] = statistics.median(p["outlier_ratio"]["max"] for p in at)
     return {"by_step": by_step, "per_seed": {arm: {s: sum(v) / len(v) for s, v in vals[arm].items()} for arm in arms},
-            "mean": mean,
-            "paired": {"n": len(flat), "mean": d_mean, "se": se, "fraction_positive": sum(d > 0 for d in flat) / len(flat),
-                       "per_seed_mean": {s: sum(ds) / len(ds) for s, ds in diffs.items()},
+            "mean": mean, "loss_mean": {arm: sum(v) / len(v) for arm, v in losses.items()},
+            "paired": {"n_pairs": len(flat), "n_probes": sum(len(ps) for ps in probes.values()),
+                       "mean": sum(flat) / len(flat), "fraction_positive": sum(d > 0 for d in flat) / len(flat),
+                       "per_seed_mean": dict(zip(probes, seed_means)), "seed_se": seed_se,
+                       "t_seeds": seed_mean / seed_se if seed_se > 0 else math.nan,
                        "ratio": mean["fp8-tensorwise"] / mean["fp8"]}}
 
 

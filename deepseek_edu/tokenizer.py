@@ -66,7 +66,14 @@ def _id_list(ids: Sequence[int] | Tensor) -> list[int]:
             raise ValueError(f"expected a 1-D integer tensor of token ids, got {tuple(ids.shape)} "
                              f"{ids.dtype}")
         ids = ids.reshape(-1).tolist()
-    return [operator.index(i) for i in ids]
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"token ids must be integers, got {ids!r}")
+    out = []
+    for i in ids:
+        if isinstance(i, bool):
+            raise TypeError(f"token ids must be integers, got {i!r}")
+        out.append(operator.index(i))
+    return out
 
 
 class Tokenizer:
@@ -208,10 +215,11 @@ class IncrementalDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, ids: int | Sequence[int] | Tensor) -> str:
-        """Feed one id (a Python or NumPy integer, or a 0-d tensor) or several; returns the text completed by them
-        (possibly ""). Raises ValueError for an id outside [0, vocab_size), TypeError for a non-integer."""
-        if not isinstance(ids, (Tensor, Iterable)):
-            ids = [operator.index(ids)]  # int, np.int64, ...
+        """Feed one id (a Python or NumPy integer, a 0-d array or tensor) or several; returns the text completed
+        by them (possibly ""). Raises ValueError for an id outside [0, vocab_size) or a tensor that is not of
+        integers, TypeError for another non-integer (a float, a bool, bytes)."""
+        if not isinstance(ids, (Tensor, Iterable)) or getattr(ids, "ndim", None) == 0 and not isinstance(ids, Tensor):
+            ids = [ids]  # int, np.int64, a 0-d NumPy array: one id
         return self._utf8.decode(self.tokenizer.decode_bytes(ids, self.skip_special))
 
     def flush(self) -> str:

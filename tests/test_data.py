@@ -385,11 +385,12 @@ def test_multibyte_split_across_tokens_streams_cleanly(small_tok):
     assert broken.push(ids[:1]) == "" and broken.flush() == "\ufffd", "an unfinished character ends as U+FFFD"
     # one id as a Python int, a NumPy integer (what np.argmax gives) or a NumPy array: the same stream
     import numpy as np
-    for as_id in (int, np.int64, lambda i: np.array([i])):
+    for as_id in (int, np.int64, np.array, lambda i: np.array([i])):
         stream = IncrementalDecoder(small_tok)
         assert "".join(stream.push(as_id(i)) for i in ids) == text, as_id
-    with pytest.raises(TypeError):
-        IncrementalDecoder(small_tok).push(1.5)
+    for bad in (1.5, True, b"h", "h", np.array(1.5)):
+        with pytest.raises(TypeError):
+            IncrementalDecoder(small_tok).push(bad)
     with pytest.raises(ValueError, match="outside"):
         IncrementalDecoder(small_tok).push(np.int64(small_tok.vocab_size))
 

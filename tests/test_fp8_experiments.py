@@ -9,6 +9,7 @@ recipes at the FP32 run's weights, must leave that run bitwise as it is and see 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -20,9 +21,11 @@ from deepseek_edu.fp8 import FP8Linear
 from deepseek_edu.fp8_experiments import (
     PERTURBATION,
     PRECISIONS,
+    PROBE_FIELDS,
     gradient_error_summary,
     gradient_errors,
     granularity_errors,
+    linear_input_outliers,
     make_model,
     relative_loss_error,
     train_run,
@@ -113,15 +116,16 @@ def test_probes_leave_the_fp32_run_bitwise_unchanged(small_cfg):
     assert probed["loss"] == plain["loss"] and probed["val_loss"] == plain["val_loss"]
     assert [p["step"] for p in probed["probes"]] == [0, 3, 4]  # every 3 steps, and the end
     for p in probed["probes"]:
+        assert set(p) == set(PROBE_FIELDS) and p["outlier_ratio"]["max"] >= p["outlier_ratio"]["median"] >= 1
         for arm in ("fp8", "fp8-tensorwise"):
             assert len(p[arm]["grad_rel_error"]) == 2 and all(0 < e < 0.5 for e in p[arm]["grad_rel_error"])
-    with pytest.raises(ValueError, match="probe_every"):
-        train_run(small_cfg, tokens, tokens, "fp8", 0, 2, 2, 16, probe_every=1)
+    for bad in ({"precision": "fp8", "probe_every": 1}, {"probe_every": -2}, {"probe_every": 2, "probe_batches": 0}):
+        kwargs = {"precision": "fp32", **bad}
+        with pytest.raises(ValueError, match="probe_every"):
+            train_run(small_cfg, tokens, tokens, kwargs.pop("precision"), 0, 2, 2, 16, **kwargs)
 
 
 def test_gradient_errors_are_the_stated_formula_and_leave_the_model_alone(small_cfg):
-    import copy
-
     from deepseek_edu.fp8 import to_fp8
     from deepseek_edu.train import lm_loss
 
@@ -148,6 +152,24 @@ def test_gradient_errors_are_the_stated_formula_and_leave_the_model_alone(small_
             assert out[arm]["loss_rel_error"][i] == pytest.approx(abs(l_q - ref_l) / ref_l, rel=1e-6, abs=1e-9)
             assert 0.005 < out[arm]["grad_rel_error"][i] < 0.2  # E4M3 rounds each input by up to 6.25%
     assert out["fp8"]["grad_rel_error"] != out["fp8-tensorwise"]["grad_rel_error"]
+    with pytest.raises(ValueError, match="at least one"):
+        gradient_errors(model, [], small_cfg.mtp_loss_weight)
+    with pytest.raises(ValueError, match="FP32 model"):  # else the "FP32" reference would run FP8 layers too
+        gradient_errors(to_fp8(copy.deepcopy(model)), batches, small_cfg.mtp_loss_weight)
+
+
+def test_linear_input_outliers_find_an_outlier_channel(small_cfg):
+    model = make_model(small_cfg, "fp32", seed=0)
+    tokens = torch.randint(0, small_cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = linear_input_outliers(model, tokens)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():  # the final norm's gain feeds only the head, kept high precision; the layer norms feed FP8 layers
+        model.layers[0].attn_norm.weight[5] *= 1000.0
+    louder = linear_input_outliers(model, tokens)
+    assert plain["max"] < 20 and louder["max"] > 100 * plain["max"] / 2  # channel 5 of the attention input
+    with pytest.raises(ValueError, match="rows"):
+        linear_input_outliers(model, tokens, min_rows=10_000)
 
 
 def test_gradient_error_summary_pairs_probes_of_the_same_weights_and_batch():
@@ -159,12 +181,17 @@ def test_gradient_error_summary_pairs_probes_of_the_same_weights_and_batch():
               1: [probe(0, [0.1, 0.1], [0.2, 0.2]), probe(5, [0.3, 0.1], [0.2, 0.2])]}
     s = gradient_error_summary(probes)
     diffs = [0.0, 0.1, 0.2, 0.0, 0.1, 0.1, -0.1, 0.1]
-    mean = sum(diffs) / 8
-    assert s["paired"]["n"] == 8 and s["paired"]["mean"] == pytest.approx(mean)
-    assert s["paired"]["se"] == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in diffs) / 7 / 8))
+    assert s["paired"]["n_pairs"] == 8 and s["paired"]["n_probes"] == 4
+    assert s["paired"]["mean"] == pytest.approx(sum(diffs) / 8)
     assert s["paired"]["fraction_positive"] == pytest.approx(5 / 8)
     assert s["paired"]["per_seed_mean"] == pytest.approx({0: 0.075, 1: 0.05})
+    # the standard error is over the seeds' means (0.075, 0.05): std 0.025 / sqrt(2) / sqrt(2) = 0.0125
+    assert s["paired"]["seed_se"] == pytest.approx(0.0125) and s["paired"]["t_seeds"] == pytest.approx(0.0625 / 0.0125)
     assert s["by_step"][5] == pytest.approx({"fp8": 0.2, "fp8-tensorwise": 0.25})
     assert s["mean"]["fp8"] == pytest.approx(1.3 / 8) and s["paired"]["ratio"] == pytest.approx(1.8 / 1.3)
-    with pytest.raises(ValueError, match="no probes"):
-        gradient_error_summary({0: []})
+    assert s["loss_mean"] == {"fp8": 0.0, "fp8-tensorwise": 0.0}
+    one = gradient_error_summary({0: probes[0]})
+    assert math.isnan(one["paired"]["seed_se"]) and math.isnan(one["paired"]["t_seeds"])  # one seed: no spread
+    for bad in ({}, {0: probes[0], 1: []}, {0: [probe(0, [0.1, 0.2], [0.1])]}, {0: [probe(0, [], [])]}):
+        with pytest.raises(ValueError, match="probes|batches"):
+            gradient_error_summary(bad)

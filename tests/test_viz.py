@@ -778,12 +778,17 @@ def test_fp8_gradient_error_of_the_committed_run_is_summarised_and_drawn():
     from deepseek_edu.fp8_experiments import gradient_error_summary
     again = gradient_error_summary({int(s): ps for s, ps in t["probes"].items()})
     assert again["paired"]["mean"] == pytest.approx(ge["paired"]["mean"])
+    assert again["paired"]["seed_se"] == pytest.approx(ge["paired"]["seed_se"])
     assert again["mean"] == pytest.approx(ge["mean"])
     lines = viz.fp8_gradient_error_summary(t)
-    assert f"{100 * ge['mean']['fp8']:.2f}%" in lines[1] and f"{100 * ge['paired']['se']:.2f}" in lines[2]
-    assert f"{ge['paired']['n']} probes" in lines[0]
+    assert f"{100 * ge['mean']['fp8']:.2f}%" in lines[1] and f"{100 * ge['paired']['seed_se']:.2f}" in lines[2]
+    assert f"{ge['paired']['n_probes']} probes" in lines[0] and f"{ge['paired']['n_pairs']} gradients" in lines[0]
     fig = viz.plot_fp8_gradient_error(ge["by_step"])
     (bw, tw) = fig.axes[0].lines
     assert list(bw.get_xdata()) == sorted(int(s) for s in ge["by_step"])
     assert tw.get_ydata()[-1] == pytest.approx(100 * ge["by_step"][max(ge["by_step"], key=int)]["fp8-tensorwise"])
+    assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2  # the outlier ratios below
     plt.close(fig)
+    plain = viz.plot_fp8_gradient_error({0: {"fp8": 0.1, "fp8-tensorwise": 0.2}})  # without outlier ratios: one panel
+    assert len(plain.axes) == 1
+    plt.close(plain)

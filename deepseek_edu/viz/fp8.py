@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.patches as mpatches
+import matplotlib.ticker as mticker
 from matplotlib.figure import Figure
 
 from .core import _to_numpy, new_figure
@@ -74,20 +75,35 @@ def plot_fp8_training(rel_err: Mapping[str, Sequence[float]], spread: Sequence[f
 
 
 def plot_fp8_gradient_error(by_step: Mapping[Any, Mapping[str, float]], title: str = "") -> Figure:
-    """Relative gradient error (%) of each FP8 recipe against FP32 at the same weights, against training step.
+    """Relative gradient error (%) of each FP8 recipe against FP32 at the same weights, against training step;
+    below it, when recorded, how far the outlier channels of the linear layers' inputs stand out.
 
-    by_step: {step: {"fp8": error, "fp8-tensorwise": error}}, as `fp8_experiments.gradient_error_summary`'s
-    "by_step" (step keys may be strings, as read back from JSON).
+    by_step: {step: {"fp8": error, "fp8-tensorwise": error[, "outlier_ratio": r, "outlier_ratio_max": r]}}, as
+    `fp8_experiments.gradient_error_summary`'s "by_step" (step keys may be strings, as read back from JSON).
     """
     steps = sorted(by_step, key=int)
-    fig, ax = new_figure(6.0, 3.0)
+    xs = [int(s) for s in steps]
+    outliers = all("outlier_ratio_max" in by_step[s] for s in steps)
+    fig, axes = new_figure(6.0, 4.4 if outliers else 3.0, nrows=2 if outliers else 1, sharex=True)
+    ax = axes[0] if outliers else axes
     for arm, label, color in (("fp8", "FP8, fine-grained tiles", "#4c72b0"),
                               ("fp8-tensorwise", "FP8, one scale per tensor", "#c44e52")):
-        ax.plot([int(s) for s in steps], [100 * by_step[s][arm] for s in steps], "o-", color=color, label=label)
-    ax.set(xlabel="training step of the FP32 run", ylabel="||g_FP8 - g_FP32|| / ||g_FP32|| (%)", title=title)
+        ax.plot(xs, [100 * by_step[s][arm] for s in steps], "o-", color=color, label=label)
+    ax.set(ylabel="gradient error (%)", title=title)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    if outliers:
+        axes[1].plot(xs, [by_step[s]["outlier_ratio_max"] for s in steps], "s-", color="black",
+                     label="the layer where it is largest")
+        axes[1].plot(xs, [by_step[s]["outlier_ratio"] for s in steps], "s--", color="gray", label="the median layer")
+        axes[1].set(ylabel="outlier ratio\n(max / median channel)", yscale="log")
+        axes[1].yaxis.set_major_locator(mticker.FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]))
+        axes[1].yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+        axes[1].yaxis.set_minor_formatter(mticker.NullFormatter())
+        axes[1].legend(fontsize=7)
+        axes[1].grid(alpha=0.3)
+    (axes[1] if outliers else ax).set_xlabel("training step of the FP32 run")
     fig.tight_layout()
     return fig
 
@@ -97,12 +113,13 @@ def fp8_gradient_error_summary(training: Mapping[str, Any]) -> list[str]:
     g = training["gradient_error"]
     p, cfg = g["paired"], training["config"]
     seeds = ", ".join(f"{100 * v:+.2f}" for v in p["per_seed_mean"].values())
-    return [f"committed: {p['n']} probes (every {cfg['probe_every']} steps of {len(g['per_seed']['fp8'])} FP32 runs, "
-            f"{cfg['probe_batches']} held-out batches each), gradient error against FP32 at the same weights:",
-            f"  fine-grained {100 * g['mean']['fp8']:.2f}%, tensorwise {100 * g['mean']['fp8-tensorwise']:.2f}% "
+    return [f"committed: {p['n_probes']} probes (every {cfg['probe_every']} steps of {len(p['per_seed_mean'])} FP32 runs) "
+            f"x {cfg['probe_batches']} held-out batches = {p['n_pairs']} gradients per recipe, against FP32 at the same weights:",
+            f"  gradient error: fine-grained {100 * g['mean']['fp8']:.2f}%, tensorwise {100 * g['mean']['fp8-tensorwise']:.2f}% "
             f"(x{p['ratio']:.2f})",
-            f"  paired difference tensorwise - fine-grained: {100 * p['mean']:+.2f} ± {100 * p['se']:.2f} points "
-            f"(standard error); per seed {seeds}; tensorwise worse in {p['fraction_positive']:.0%} of probes"]
+            f"  tensorwise - fine-grained: {100 * p['mean']:+.2f} points on average; per seed {seeds}; standard error over "
+            f"seeds {100 * p['seed_se']:.2f} (t = {p['t_seeds']:.1f}); tensorwise worse on {p['fraction_positive']:.0%} of "
+            f"the batches"]
 
 
 def plot_fp8_linear_diagram() -> Figure:
@@ -172,6 +189,7 @@ def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, An
     at = accumulation["by_k"]["4096"]
     fin, val = training["final_rel_loss_error"], training["final_val_rel_error"]
     g = granularity["mean_rel_error"]["b128"]
+    ge = training.get("gradient_error")
     rows = [
         ("E4M3 max / E5M2 max", "448 / 57344", (f"{torch.finfo(torch.float8_e4m3fn).max:g} / "
          f"{torch.finfo(torch.float8_e5m2).max:g} (`torch.finfo`)")),
@@ -182,13 +200,10 @@ def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, An
          + (f"; FP32 with weights perturbed by 1e-6, by chaos alone: {100 * fin['fp32-perturbed']['max']:.3f}% / "
             f"{100 * val['fp32-perturbed']['max']:.3f}%" if "fp32-perturbed" in fin else "")),
         ("error, tensorwise vs fine-grained", "outliers motivate fine-grained scaling (§3.3.1)",
-         f"activations {100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}% (1x128)"),
+         f"activations {100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}% (1x128)" + (
+             f"; training gradient {100 * ge['mean']['fp8-tensorwise']:.2f}% vs {100 * ge['mean']['fp8']:.2f}% at the "
+             f"same weights (x{ge['paired']['ratio']:.2f}, {ge['paired']['n_pairs']} gradients)" if ge else "")),
     ]
-    if training.get("gradient_error"):
-        ge = training["gradient_error"]
-        rows[-1] = (*rows[-1][:2], f"{rows[-1][2]}; training gradient {100 * ge['mean']['fp8-tensorwise']:.2f}% vs "
-                    f"{100 * ge['mean']['fp8']:.2f}% at the same weights (x{ge['paired']['ratio']:.2f}, "
-                    f"{ge['paired']['n']} probes)")
     lines = ["| quantity | DeepSeek-V3 | ours |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
