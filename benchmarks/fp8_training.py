@@ -84,8 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.probe_every < 0 or args.probe_batches < 1:
         p.error(f"--probe-every {args.probe_every} must be >= 0 and --probe-batches {args.probe_batches} >= 1")
+    for name in ("steps", "batch_size", "seq_len", "block_size", "val_batches", "window", "threads", "jobs"):
+        if vars(args)[name] < 1:
+            p.error(f"--{name.replace('_', '-')} {vars(args)[name]} must be >= 1")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r} must be integers separated by commas, e.g. 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds {args.seeds!r} names a seed twice")
     torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
     cfg = get_preset(args.preset)
     ds = load_dataset("shakespeare", cfg.vocab_size, progress=False)
     t0 = time.perf_counter()
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         # at the same weights: tensorwise's gradient error above fine-grained's on average in every seed, and the mean
         # of the seeds' mean differences more than 3 standard errors (taken over seeds) above zero
         acceptance["tensorwise_gradient_error_above_blockwise"] = (
-            all(d > 0 for d in grad["paired"]["per_seed_mean"].values()) and grad["paired"]["t_seeds"] > 3)
+            all(d > 0 for d in grad["paired"]["per_seed_mean"].values())
+            and grad["paired"]["t_seeds"] is not None and grad["paired"]["t_seeds"] > 3)
     payload = {
         "script": "benchmarks/fp8_training.py", "command": command_line(__file__, argv), "date_utc": now_utc(),
         "machine": machine_info(torch.device("cpu")), "load_average_1min_at_end": machine_load(),
@@ -180,9 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{p} {signed[p]['mean']:+.4%} ± {signed[p]['std']:.4%}" for p in signed))
     if grad is not None:
         g = grad["paired"]
+        se = (f"± {g['seed_se']:.3%} (s.e. over seeds, t = {g['t_seeds']:.1f})" if g["t_seeds"] is not None
+              else "(one seed or no spread: no s.e. over seeds)")
         print(f"gradient error at the FP32 weights ({g['n_probes']} probes, {g['n_pairs']} batches): fine-grained "
               f"{grad['mean']['fp8']:.3%}, tensorwise {grad['mean']['fp8-tensorwise']:.3%} (x{g['ratio']:.2f}); paired "
-              f"difference {g['mean']:+.3%} ± {g['seed_se']:.3%} (s.e. over seeds, t = {g['t_seeds']:.1f}), tensorwise "
+              f"difference {g['mean']:+.3%} {se}, tensorwise "
               f"worse in {g['fraction_positive']:.0%} of batches")
     print("acceptance:", acceptance)
     if args.out:

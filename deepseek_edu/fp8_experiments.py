@@ -182,20 +182,29 @@ def gradient_errors(model: nn.Module, batches: list[tuple[Tensor, Tensor]], mtp_
         {arm: {"grad_rel_error": [||g_q - g|| / ||g|| per batch], "loss_rel_error": [|L_q - L| / L per batch]}}
         for arm in PROBE_RECIPES, with g the gradient of every parameter (flattened, in FP32) and L the loss.
     Raises:
-        ValueError: no batches, or a model that already has FP8 layers (its "FP32" reference would be FP8 too).
+        ValueError: no batches, or a model that already has FP8 layers (its "FP32" reference would be FP8 too);
+            an FP32 loss that is not finite and positive or an FP32 gradient that is zero or not finite (no
+            relative error exists); an FP8 loss or gradient that is not finite (named by recipe and batch).
     """
+    batches = list(batches)
     if not batches:
         raise ValueError("gradient_errors needs at least one (x, y) batch")
     if any(isinstance(m, FP8Linear) for m in model.modules()):
         raise ValueError("gradient_errors compares FP8 with FP32: pass the FP32 model, not one after to_fp8")
     out = {arm: {"grad_rel_error": [], "loss_rel_error": []} for arm in PROBE_RECIPES}
     with torch.random.fork_rng(devices=[]):
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             ref_loss, ref_grad = _loss_and_grad(_train_copy(model), x, y, mtp_loss_weight)
+            ref_norm = float(ref_grad.norm())
+            if not (math.isfinite(ref_loss) and ref_loss > 0 and math.isfinite(ref_norm) and ref_norm > 0):
+                raise ValueError(f"batch {i}: the FP32 loss {ref_loss} or gradient norm {ref_norm} is not finite and "
+                                 "positive, so the FP8 errors relative to it are undefined")
             for arm, granularity in PROBE_RECIPES.items():
                 q = to_fp8(_train_copy(model), granularity, block_size)
                 loss, grad = _loss_and_grad(q, x, y, mtp_loss_weight)
-                out[arm]["grad_rel_error"].append(float((grad - ref_grad).norm() / ref_grad.norm()))
+                if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
+                    raise ValueError(f"batch {i}: the {arm} ({granularity}) loss or gradient is not finite")
+                out[arm]["grad_rel_error"].append(float((grad - ref_grad).norm()) / ref_norm)
                 out[arm]["loss_rel_error"].append(abs(loss - ref_loss) / ref_loss)
     return out
 
@@ -206,7 +215,11 @@ def linear_input_outliers(model: nn.Module, tokens: Tensor, min_rows: int = 16) 
     Per linear layer with at least `min_rows` input rows (an expert may see few tokens), `channel_outliers`'
     max_over_median (largest channel's max |x| over the median channel's); returned: their "median" and "max"
     over layers. Runs on a deep copy under a forked RNG, so `model` is not changed.
+    Raises:
+        ValueError: min_rows < 1, or no linear layer saw `min_rows` rows.
     """
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+        raise ValueError(f"min_rows={min_rows!r} must be an int >= 1")
     with torch.random.fork_rng(devices=[]):
         inputs = capture_linear_inputs(_train_copy(model), tokens)
     ratios = sorted(channel_outliers(x)["max_over_median"] for x in inputs.values() if x.shape[0] >= min_rows)
@@ -229,9 +242,16 @@ def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, 
     (and "model", the trained model, with `return_model`; "probes": [{"step", **gradient_errors,
     "outlier_ratio"}] with probes).
     Raises:
-        ValueError: for an unknown precision; probes asked of a run that is not FP32; probe_every < 0, or
+        ValueError: for an unknown precision; probes asked of a run that is not FP32; steps, val_batches,
+            probe_every or probe_batches not an int; steps < 1 or val_batches < 1; probe_every < 0, or
             probe_every > 0 with probe_batches < 1.
     """
+    counts = {"steps": steps, "val_batches": val_batches, "probe_every": probe_every, "probe_batches": probe_batches}
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name}={v!r} must be an int")
+    if steps < 1 or val_batches < 1:
+        raise ValueError(f"steps={steps} and val_batches={val_batches} must be >= 1")
     if probe_every < 0 or (probe_every and probe_batches < 1):
         raise ValueError(f"probe_every={probe_every} must be >= 0 (0: no probes) and probe_batches={probe_batches} "
                          ">= 1 when probing")
@@ -284,20 +304,29 @@ def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
         "mean": {arm: mean grad_rel_error over every (seed, step, batch)}; "loss_mean": the same of loss_rel_error;
         "paired": the differences tensorwise - fine-grained at the same (seed, step, batch): "n_pairs",
         "n_probes" (seed x step), "mean", "fraction_positive", "per_seed_mean" {seed: mean}, "seed_se" (standard
-        deviation of the per-seed means over sqrt(seeds); nan with one seed), "t_seeds" (the mean of the per-seed
-        means over seed_se) and
+        deviation of the per-seed means over sqrt(seeds); None with one seed), "t_seeds" (the mean of the per-seed
+        means over seed_se; None with one seed or a zero seed_se) and
         "ratio" (mean tensorwise error / mean fine-grained error).
     Raises:
-        ValueError: no probes, a seed without probes, or a probe whose arms have different numbers of batches.
+        ValueError: no probes, a seed without probes, a probe without "step" or an arm, a probe whose arms have
+            different numbers of batches, or an error that is not a finite number >= 0.
     """
     arms = list(PROBE_RECIPES)
     if not probes or any(not ps for ps in probes.values()):
         raise ValueError("no probes (for some seed): run train_run with probe_every > 0")
     for seed, ps in probes.items():
         for p in ps:
-            lens = {len(p[arm][key]) for arm in arms for key in ("grad_rel_error", "loss_rel_error")}
-            if len(lens) != 1 or 0 in lens:
+            if not isinstance(p, dict) or "step" not in p or any(
+                    not isinstance(p.get(arm), dict) or not {"grad_rel_error", "loss_rel_error"} <= set(p[arm])
+                    for arm in arms):
+                raise ValueError(f"seed {seed}: a probe must be a dict with 'step' and, for each of {arms}, "
+                                 "'grad_rel_error' and 'loss_rel_error' lists (as train_run records)")
+            lists = [p[arm][key] for arm in arms for key in ("grad_rel_error", "loss_rel_error")]
+            if len({len(v) for v in lists}) != 1 or not lists[0]:
                 raise ValueError(f"seed {seed}, step {p['step']}: the arms' lists of batches differ or are empty")
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0
+                       for v in lists for e in v):
+                raise ValueError(f"seed {seed}, step {p['step']}: every error must be a finite number >= 0")
     vals = {arm: {seed: [e for p in ps for e in p[arm]["grad_rel_error"]] for seed, ps in probes.items()} for arm in arms}
     diffs = {seed: [t - b for t, b in zip(vals["fp8-tensorwise"][seed], vals["fp8"][seed])] for seed in probes}
     flat = [d for ds in diffs.values() for d in ds]
@@ -306,7 +335,7 @@ def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
     seed_means = [sum(ds) / len(ds) for ds in diffs.values()]
     seed_mean = sum(seed_means) / len(seed_means)
     seed_se = (math.sqrt(sum((m - seed_mean) ** 2 for m in seed_means) / (len(seed_means) - 1) / len(seed_means))
-               if len(seed_means) > 1 else math.nan)
+               if len(seed_means) > 1 else None)
     by_step = {}
     for step in sorted({p["step"] for ps in probes.values() for p in ps}):
         at = [p for ps in probes.values() for p in ps if p["step"] == step]
@@ -320,7 +349,7 @@ def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
             "paired": {"n_pairs": len(flat), "n_probes": sum(len(ps) for ps in probes.values()),
                        "mean": sum(flat) / len(flat), "fraction_positive": sum(d > 0 for d in flat) / len(flat),
                        "per_seed_mean": dict(zip(probes, seed_means)), "seed_se": seed_se,
-                       "t_seeds": seed_mean / seed_se if seed_se > 0 else math.nan,
+                       "t_seeds": seed_mean / seed_se if seed_se else None,
                        "ratio": mean["fp8-tensorwise"] / mean["fp8"]}}
 
 

@@ -66,11 +66,13 @@ def _id_list(ids: Sequence[int] | Tensor) -> list[int]:
             raise ValueError(f"expected a 1-D integer tensor of token ids, got {tuple(ids.shape)} "
                              f"{ids.dtype}")
         ids = ids.reshape(-1).tolist()
-    if isinstance(ids, (str, bytes)):
-        raise TypeError(f"token ids must be integers, got {ids!r}")
+    if isinstance(ids, (str, bytes, bytearray, memoryview)):  # text or raw bytes, not ids
+        raise TypeError(f"token ids must be integers, got {type(ids).__name__} {ids!r}")
+    if isinstance(ids, (set, frozenset, dict)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"token ids must be an ordered sequence of integers, got {type(ids).__name__}")
     out = []
     for i in ids:
-        if isinstance(i, bool):
+        if isinstance(i, bool) or (isinstance(i, Tensor) and i.dtype == torch.bool):
             raise TypeError(f"token ids must be integers, got {i!r}")
         out.append(operator.index(i))
     return out
@@ -176,6 +178,7 @@ class Tokenizer:
             skip_special: drop special tokens instead of writing their text.
         Raises:
             ValueError: an id outside [0, vocab_size), or a tensor that is not 1-D integer.
+            TypeError: ids that are not integers (floats, bools, str or bytes), or an unordered container.
         """
         return self.backend.decode(self._checked(ids), skip_special_tokens=skip_special)
 

@@ -406,6 +406,10 @@ def test_decode_rejects_bad_ids(small_tok):
         small_tok.decode(torch.tensor([1.0]))
     with pytest.raises(TypeError):
         small_tok.decode([1.5])
+    # raw bytes, unordered containers and boolean elements are not lists of ids
+    for bad in (bytearray(b"hi"), memoryview(b"hi"), {1, 2}, {1: 2}, [torch.tensor(True)], 7.0):
+        with pytest.raises(TypeError, match="token ids"):
+            small_tok.decode(bad)
     with pytest.raises(ValueError, match="outside"):
         small_tok.id_to_token(v)
     with pytest.raises(ValueError, match="not valid Unicode"):

@@ -119,10 +119,29 @@ def test_probes_leave_the_fp32_run_bitwise_unchanged(small_cfg):
         assert set(p) == set(PROBE_FIELDS) and p["outlier_ratio"]["max"] >= p["outlier_ratio"]["median"] >= 1
         for arm in ("fp8", "fp8-tensorwise"):
             assert len(p[arm]["grad_rel_error"]) == 2 and all(0 < e < 0.5 for e in p[arm]["grad_rel_error"])
-    for bad in ({"precision": "fp8", "probe_every": 1}, {"probe_every": -2}, {"probe_every": 2, "probe_batches": 0}):
-        kwargs = {"precision": "fp32", **bad}
-        with pytest.raises(ValueError, match="probe_every"):
-            train_run(small_cfg, tokens, tokens, kwargs.pop("precision"), 0, 2, 2, 16, **kwargs)
+    for bad in ({"precision": "fp8", "probe_every": 1}, {"probe_every": -2}, {"probe_every": 2, "probe_batches": 0},
+                {"probe_every": True}, {"probe_every": 1.5}, {"steps": 0}, {"steps": -3}, {"val_batches": 0}):
+        kwargs = {"precision": "fp32", "steps": 2, **bad}
+        name = "probe_every" if "probe_every" in bad else next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            train_run(small_cfg, tokens, tokens, kwargs.pop("precision"), 0, kwargs.pop("steps"), 2, 16, **kwargs)
+
+
+def test_fp8_training_benchmark_names_bad_arguments_before_any_work(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_training.py"
+    spec = importlib.util.spec_from_file_location("fp8_training_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for argv, said in ((["--steps", "0"], "--steps 0"), (["--steps", "-1"], "--steps -1"),
+                       (["--seeds", "0,0"], "twice"), (["--seeds", "0,x"], "integers"),
+                       (["--window", "0"], "--window 0"), (["--val-batches", "0"], "--val-batches 0"),
+                       (["--probe-batches", "0"], "--probe-batches 0")):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv)
+        assert exc.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_gradient_errors_are_the_stated_formula_and_leave_the_model_alone(small_cfg):
@@ -158,6 +177,32 @@ def test_gradient_errors_are_the_stated_formula_and_leave_the_model_alone(small_
         gradient_errors(to_fp8(copy.deepcopy(model)), batches, small_cfg.mtp_loss_weight)
 
 
+def test_gradient_errors_name_a_non_finite_loss_or_gradient_instead_of_a_nan(small_cfg, monkeypatch):
+    import deepseek_edu.fp8_experiments as fx
+
+    model = make_model(small_cfg, "fp32", seed=0)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, small_cfg.vocab_size, (2, 16), generator=g),
+                torch.randint(0, small_cfg.vocab_size, (2, 16), generator=g))]
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.layers[0].attn_norm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match="FP32 loss"):
+        gradient_errors(broken, batches, small_cfg.mtp_loss_weight, block_size=32)
+    real = fx.to_fp8
+
+    def tensorwise_overflows(m, granularity="blockwise", block_size=128):  # one recipe's pass goes non-finite
+        m = real(m, granularity, block_size)
+        if granularity == "tensorwise":
+            with torch.no_grad():
+                m.layers[0].attn_norm.weight[0] = float("nan")
+        return m
+
+    monkeypatch.setattr(fx, "to_fp8", tensorwise_overflows)
+    with pytest.raises(ValueError, match="batch 0: the fp8-tensorwise"):
+        gradient_errors(model, batches, small_cfg.mtp_loss_weight, block_size=32)
+
+
 def test_linear_input_outliers_find_an_outlier_channel(small_cfg):
     model = make_model(small_cfg, "fp32", seed=0)
     tokens = torch.randint(0, small_cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -170,6 +215,9 @@ def test_linear_input_outliers_find_an_outlier_channel(small_cfg):
     assert plain["max"] < 20 and louder["max"] > 100 * plain["max"] / 2  # channel 5 of the attention input
     with pytest.raises(ValueError, match="rows"):
         linear_input_outliers(model, tokens, min_rows=10_000)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="min_rows"):
+            linear_input_outliers(model, tokens, min_rows=bad)
 
 
 def test_gradient_error_summary_pairs_probes_of_the_same_weights_and_batch():
@@ -191,7 +239,13 @@ def test_gradient_error_summary_pairs_probes_of_the_same_weights_and_batch():
     assert s["mean"]["fp8"] == pytest.approx(1.3 / 8) and s["paired"]["ratio"] == pytest.approx(1.8 / 1.3)
     assert s["loss_mean"] == {"fp8": 0.0, "fp8-tensorwise": 0.0}
     one = gradient_error_summary({0: probes[0]})
-    assert math.isnan(one["paired"]["seed_se"]) and math.isnan(one["paired"]["t_seeds"])  # one seed: no spread
+    assert one["paired"]["seed_se"] is None and one["paired"]["t_seeds"] is None  # one seed: no spread (JSON null)
     for bad in ({}, {0: probes[0], 1: []}, {0: [probe(0, [0.1, 0.2], [0.1])]}, {0: [probe(0, [], [])]}):
         with pytest.raises(ValueError, match="probes|batches"):
             gradient_error_summary(bad)
+    # malformed probes and errors that are not finite are named, not averaged into a NaN
+    no_arm = {"step": 0, "fp8": probe(0, [0.1], [0.1])["fp8"]}
+    for bad_probe in (no_arm, {"fp8": {}, "fp8-tensorwise": {}}, [0.1], probe(0, [0.1], [float("nan")]),
+                      probe(0, [float("inf")], [0.1]), probe(0, [-0.1], [0.1]), probe(0, [True], [0.1])):
+        with pytest.raises(ValueError, match="probe|finite"):
+            gradient_error_summary({0: [bad_probe]})

@@ -783,6 +783,8 @@ def test_fp8_gradient_error_of_the_committed_run_is_summarised_and_drawn():
     lines = viz.fp8_gradient_error_summary(t)
     assert f"{100 * ge['mean']['fp8']:.2f}%" in lines[1] and f"{100 * ge['paired']['seed_se']:.2f}" in lines[2]
     assert f"{ge['paired']['n_probes']} probes" in lines[0] and f"{ge['paired']['n_pairs']} gradients" in lines[0]
+    seed0 = {**t, "gradient_error": gradient_error_summary({0: t["probes"]["0"]})}  # one seed: no standard error
+    assert "one seed, so no standard error" in viz.fp8_gradient_error_summary(seed0)[2]
     fig = viz.plot_fp8_gradient_error(ge["by_step"])
     (bw, tw) = fig.axes[0].lines
     assert list(bw.get_xdata()) == sorted(int(s) for s in ge["by_step"])

@@ -113,13 +113,16 @@ def fp8_gradient_error_summary(training: Mapping[str, Any]) -> list[str]:
     g = training["gradient_error"]
     p, cfg = g["paired"], training["config"]
     seeds = ", ".join(f"{100 * v:+.2f}" for v in p["per_seed_mean"].values())
+    se = (f"standard error over seeds {100 * p['seed_se']:.2f}" if p["seed_se"] is not None
+          else "one seed, so no standard error over seeds")
+    if p["t_seeds"] is not None:
+        se += f" (t = {p['t_seeds']:.1f})"
     return [f"committed: {p['n_probes']} probes (every {cfg['probe_every']} steps of {len(p['per_seed_mean'])} FP32 runs) "
             f"x {cfg['probe_batches']} held-out batches = {p['n_pairs']} gradients per recipe, against FP32 at the same weights:",
             f"  gradient error: fine-grained {100 * g['mean']['fp8']:.2f}%, tensorwise {100 * g['mean']['fp8-tensorwise']:.2f}% "
             f"(x{p['ratio']:.2f})",
-            f"  tensorwise - fine-grained: {100 * p['mean']:+.2f} points on average; per seed {seeds}; standard error over "
-            f"seeds {100 * p['seed_se']:.2f} (t = {p['t_seeds']:.1f}); tensorwise worse on {p['fraction_positive']:.0%} of "
-            f"the batches"]
+            f"  tensorwise - fine-grained: {100 * p['mean']:+.2f} points on average; per seed {seeds}; {se}; "
+            f"tensorwise worse on {p['fraction_positive']:.0%} of the batches"]
 
 
 def plot_fp8_linear_diagram() -> Figure:
