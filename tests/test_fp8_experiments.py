@@ -127,10 +127,17 @@ def test_probes_leave_the_fp32_run_bitwise_unchanged(small_cfg):
             train_run(small_cfg, tokens, tokens, kwargs.pop("precision"), 0, kwargs.pop("steps"), 2, 16, **kwargs)
 
 
-def test_fp8_training_benchmark_names_bad_arguments_before_any_work(capsys):
+def test_fp8_training_benchmark_names_bad_arguments_before_any_work(capsys, monkeypatch):
     import importlib.util
+    import sys
     from pathlib import Path
 
+    # the script puts benchmarks/ first on sys.path (for its _common); undo that after this test, or the
+    # name `kernels` would then find benchmarks/kernels.py instead of the package transformers imports
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    if "_common" not in sys.modules:
+        monkeypatch.setitem(sys.modules, "_common", None)
+        monkeypatch.delitem(sys.modules, "_common")
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_training.py"
     spec = importlib.util.spec_from_file_location("fp8_training_bench", path)
     bench = importlib.util.module_from_spec(spec)
