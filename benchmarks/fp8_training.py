@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.probe_every < 0 or args.probe_batches < 1:
         p.error(f"--probe-every {args.probe_every} must be >= 0 and --probe-batches {args.probe_batches} >= 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr {args.lr} must be a finite number > 0")
     for name in ("steps", "batch_size", "seq_len", "block_size", "val_batches", "window", "threads", "jobs"):
         if vars(args)[name] < 1:
             p.error(f"--{name.replace('_', '-')} {vars(args)[name]} must be >= 1")
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         se = (f"± {g['seed_se']:.3%} (s.e. over seeds, t = {g['t_seeds']:.1f})" if g["t_seeds"] is not None
               else "(one seed or no spread: no s.e. over seeds)")
         print(f"gradient error at the FP32 weights ({g['n_probes']} probes, {g['n_pairs']} batches): fine-grained "
-              f"{grad['mean']['fp8']:.3%}, tensorwise {grad['mean']['fp8-tensorwise']:.3%} (x{g['ratio']:.2f}); paired "
+              f"{grad['mean']['fp8']:.3%}, tensorwise {grad['mean']['fp8-tensorwise']:.3%} (x{g['ratio'] or math.nan:.2f}); paired "
               f"difference {g['mean']:+.3%} {se}, tensorwise "
               f"worse in {g['fraction_positive']:.0%} of batches")
     print("acceptance:", acceptance)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import statistics
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -160,6 +162,11 @@ def _loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, mtp_loss_weight: floa
                                        for p in model.parameters()])
 
 
+def _is_count(v: object) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _train_copy(model: nn.Module) -> nn.Module:
     """A deep copy in train mode whose MoE layers take the per-expert loop (the path `to_fp8` sets)."""
     twin = copy.deepcopy(model).train()
@@ -218,7 +225,7 @@ def linear_input_outliers(model: nn.Module, tokens: Tensor, min_rows: int = 16) 
     Raises:
         ValueError: min_rows < 1, or no linear layer saw `min_rows` rows.
     """
-    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+    if not _is_count(min_rows) or min_rows < 1:
         raise ValueError(f"min_rows={min_rows!r} must be an int >= 1")
     with torch.random.fork_rng(devices=[]):
         inputs = capture_linear_inputs(_train_copy(model), tokens)
@@ -243,15 +250,19 @@ def train_run(model_cfg: ModelConfig, train_tokens: Tensor, val_tokens: Tensor, 
     "outlier_ratio"}] with probes).
     Raises:
         ValueError: for an unknown precision; probes asked of a run that is not FP32; steps, val_batches,
-            probe_every or probe_batches not an int; steps < 1 or val_batches < 1; probe_every < 0, or
+            probe_every, probe_batches, seed or data_seed not an int; steps < 1 or val_batches < 1; lr not
+            finite and positive; probe_every < 0, or
             probe_every > 0 with probe_batches < 1.
     """
     counts = {"steps": steps, "val_batches": val_batches, "probe_every": probe_every, "probe_batches": probe_batches}
+    counts.update(seed=seed, data_seed=data_seed)
     for name, v in counts.items():
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not _is_count(v):
             raise ValueError(f"{name}={v!r} must be an int")
     if steps < 1 or val_batches < 1:
         raise ValueError(f"steps={steps} and val_batches={val_batches} must be >= 1")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
     if probe_every < 0 or (probe_every and probe_batches < 1):
         raise ValueError(f"probe_every={probe_every} must be >= 0 (0: no probes) and probe_batches={probe_batches} "
                          ">= 1 when probing")
@@ -306,12 +317,16 @@ def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
         "n_probes" (seed x step), "mean", "fraction_positive", "per_seed_mean" {seed: mean}, "seed_se" (standard
         deviation of the per-seed means over sqrt(seeds); None with one seed), "t_seeds" (the mean of the per-seed
         means over seed_se; None with one seed or a zero seed_se) and
-        "ratio" (mean tensorwise error / mean fine-grained error).
+        "ratio" (mean tensorwise error / mean fine-grained error; None when the latter is 0).
     Raises:
-        ValueError: no probes, a seed without probes, a probe without "step" or an arm, a probe whose arms have
-            different numbers of batches, or an error that is not a finite number >= 0.
+        ValueError: probes not a mapping; no probes, a seed without probes, a probe without "step" or an arm, a
+            probe whose arms have different numbers of batches, an error that is not a finite number >= 0, or
+            an "outlier_ratio" that is not {"median", "max"} of finite numbers.
     """
     arms = list(PROBE_RECIPES)
+    if not isinstance(probes, Mapping):
+        raise ValueError(f"probes must be a mapping {{seed: train_run(...)['probes']}}, got {type(probes).__name__}")
+    probes = {seed: list(ps) for seed, ps in probes.items()}  # a generator is read once, here
     if not probes or any(not ps for ps in probes.values()):
         raise ValueError("no probes (for some seed): run train_run with probe_every > 0")
     for seed, ps in probes.items():
@@ -322,6 +337,14 @@ def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
                 raise ValueError(f"seed {seed}: a probe must be a dict with 'step' and, for each of {arms}, "
                                  "'grad_rel_error' and 'loss_rel_error' lists (as train_run records)")
             lists = [p[arm][key] for arm in arms for key in ("grad_rel_error", "loss_rel_error")]
+            if not all(isinstance(v, (list, tuple)) for v in lists):
+                raise ValueError(f"seed {seed}, step {p['step']}: each arm's errors must be a list, one per batch")
+            o = p.get("outlier_ratio")
+            if o is not None and not (isinstance(o, dict) and all(
+                    isinstance(o.get(k), (int, float)) and not isinstance(o.get(k), bool) and math.isfinite(o[k])
+                    for k in ("median", "max"))):
+                raise ValueError(f"seed {seed}, step {p['step']}: outlier_ratio must be {{'median', 'max'}} of finite "
+                                 f"numbers (as linear_input_outliers returns), got {o!r}")
             if len({len(v) for v in lists}) != 1 or not lists[0]:
                 raise ValueError(f"seed {seed}, step {p['step']}: the arms' lists of batches differ or are empty")
             if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0
@@ -350,7 +373,7 @@ def gradient_error_summary(probes: dict[int, list[dict]]) -> dict[str, object]:
                        "mean": sum(flat) / len(flat), "fraction_positive": sum(d > 0 for d in flat) / len(flat),
                        "per_seed_mean": dict(zip(probes, seed_means)), "seed_se": seed_se,
                        "t_seeds": seed_mean / seed_se if seed_se else None,
-                       "ratio": mean["fp8-tensorwise"] / mean["fp8"]}}
+                       "ratio": mean["fp8-tensorwise"] / mean["fp8"] if mean["fp8"] else None}}
 
 
 def channel_outliers(x: Tensor) -> dict[str, float]:

@@ -120,7 +120,8 @@ def test_probes_leave_the_fp32_run_bitwise_unchanged(small_cfg):
         for arm in ("fp8", "fp8-tensorwise"):
             assert len(p[arm]["grad_rel_error"]) == 2 and all(0 < e < 0.5 for e in p[arm]["grad_rel_error"])
     for bad in ({"precision": "fp8", "probe_every": 1}, {"probe_every": -2}, {"probe_every": 2, "probe_batches": 0},
-                {"probe_every": True}, {"probe_every": 1.5}, {"steps": 0}, {"steps": -3}, {"val_batches": 0}):
+                {"probe_every": True}, {"probe_every": 1.5}, {"steps": 0}, {"steps": -3}, {"val_batches": 0},
+                {"lr": math.inf}, {"lr": math.nan}, {"lr": 0.0}, {"data_seed": 0.5}):
         kwargs = {"precision": "fp32", "steps": 2, **bad}
         name = "probe_every" if "probe_every" in bad else next(iter(bad))
         with pytest.raises(ValueError, match=name):
@@ -145,7 +146,7 @@ def test_fp8_training_benchmark_names_bad_arguments_before_any_work(capsys, monk
     for argv, said in ((["--steps", "0"], "--steps 0"), (["--steps", "-1"], "--steps -1"),
                        (["--seeds", "0,0"], "twice"), (["--seeds", "0,x"], "integers"),
                        (["--window", "0"], "--window 0"), (["--val-batches", "0"], "--val-batches 0"),
-                       (["--probe-batches", "0"], "--probe-batches 0")):
+                       (["--probe-batches", "0"], "--probe-batches 0"), (["--lr", "inf"], "--lr inf")):
         with pytest.raises(SystemExit) as exc:
             bench.main(argv)
         assert exc.value.code == 2 and said in capsys.readouterr().err
@@ -225,6 +226,9 @@ def test_linear_input_outliers_find_an_outlier_channel(small_cfg):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="min_rows"):
             linear_input_outliers(model, tokens, min_rows=bad)
+    import numpy as np
+
+    assert linear_input_outliers(model, tokens, min_rows=np.int64(16)) == louder  # a NumPy integer is an int
 
 
 def test_gradient_error_summary_pairs_probes_of_the_same_weights_and_batch():
@@ -256,3 +260,14 @@ def test_gradient_error_summary_pairs_probes_of_the_same_weights_and_batch():
                       probe(0, [float("inf")], [0.1]), probe(0, [-0.1], [0.1]), probe(0, [True], [0.1])):
         with pytest.raises(ValueError, match="probe|finite"):
             gradient_error_summary({0: [bad_probe]})
+    for outliers in ({"median": math.nan, "max": math.inf}, 3.0, {"median": 2.0}):
+        with pytest.raises(ValueError, match="outlier_ratio"):
+            gradient_error_summary({0: [{**probe(0, [0.1], [0.2]), "outlier_ratio": outliers}]})
+    with pytest.raises(ValueError, match="list"):
+        gradient_error_summary({0: [{"step": 0, **{arm: {"grad_rel_error": 0.1, "loss_rel_error": 0.0}
+                                                   for arm in ("fp8", "fp8-tensorwise")}}]})
+    with pytest.raises(ValueError, match="mapping"):
+        gradient_error_summary(list(probes.values()))
+    # a seed's probes as a generator are read once, not used up by the checks; an exact fine-grained arm has no ratio
+    assert gradient_error_summary({0: (p for p in probes[0])}) == gradient_error_summary({0: probes[0]})
+    assert gradient_error_summary({0: [probe(0, [0.0], [0.1])]})["paired"]["ratio"] is None

@@ -785,6 +785,8 @@ def test_fp8_gradient_error_of_the_committed_run_is_summarised_and_drawn():
     assert f"{ge['paired']['n_probes']} probes" in lines[0] and f"{ge['paired']['n_pairs']} gradients" in lines[0]
     seed0 = {**t, "gradient_error": gradient_error_summary({0: t["probes"]["0"]})}  # one seed: no standard error
     assert "one seed, so no standard error" in viz.fp8_gradient_error_summary(seed0)[2]
+    with pytest.raises(ValueError, match="--probe-every"):  # a run without probes
+        viz.fp8_gradient_error_summary({**t, "gradient_error": None})
     fig = viz.plot_fp8_gradient_error(ge["by_step"])
     (bw, tw) = fig.axes[0].lines
     assert list(bw.get_xdata()) == sorted(int(s) for s in ge["by_step"])

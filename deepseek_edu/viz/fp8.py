@@ -108,9 +108,16 @@ def plot_fp8_gradient_error(by_step: Mapping[Any, Mapping[str, float]], title: s
     return fig
 
 
+def _times(ratio: float | None) -> str:
+    """"x1.16, " for a ratio; "" for None (fine-grained error exactly 0: no ratio)."""
+    return f"x{ratio:.2f}, " if ratio is not None else ""
+
+
 def fp8_gradient_error_summary(training: Mapping[str, Any]) -> list[str]:
     """The committed run's gradient-error probes (`gradient_error` of a fp8_training JSON) as lines of text."""
-    g = training["gradient_error"]
+    g = training.get("gradient_error")
+    if g is None:
+        raise ValueError("this fp8_training JSON has no gradient-error probes: run the benchmark with --probe-every > 0")
     p, cfg = g["paired"], training["config"]
     seeds = ", ".join(f"{100 * v:+.2f}" for v in p["per_seed_mean"].values())
     se = (f"standard error over seeds {100 * p['seed_se']:.2f}" if p["seed_se"] is not None
@@ -119,8 +126,8 @@ def fp8_gradient_error_summary(training: Mapping[str, Any]) -> list[str]:
         se += f" (t = {p['t_seeds']:.1f})"
     return [f"committed: {p['n_probes']} probes (every {cfg['probe_every']} steps of {len(p['per_seed_mean'])} FP32 runs) "
             f"x {cfg['probe_batches']} held-out batches = {p['n_pairs']} gradients per recipe, against FP32 at the same weights:",
-            f"  gradient error: fine-grained {100 * g['mean']['fp8']:.2f}%, tensorwise {100 * g['mean']['fp8-tensorwise']:.2f}% "
-            f"(x{p['ratio']:.2f})",
+            f"  gradient error: fine-grained {100 * g['mean']['fp8']:.2f}%, tensorwise {100 * g['mean']['fp8-tensorwise']:.2f}%"
+            + (f" ({_times(p['ratio'])[:-2]})" if p["ratio"] is not None else ""),
             f"  tensorwise - fine-grained: {100 * p['mean']:+.2f} points on average; per seed {seeds}; {se}; "
             f"tensorwise worse on {p['fraction_positive']:.0%} of the batches"]
 
@@ -205,7 +212,7 @@ def fp8_paper_vs_ours(accumulation: Mapping[str, Any], training: Mapping[str, An
         ("error, tensorwise vs fine-grained", "outliers motivate fine-grained scaling (§3.3.1)",
          f"activations {100 * g['tensorwise']:.2f}% vs {100 * g['1x128']:.2f}% (1x128)" + (
              f"; training gradient {100 * ge['mean']['fp8-tensorwise']:.2f}% vs {100 * ge['mean']['fp8']:.2f}% at the "
-             f"same weights (x{ge['paired']['ratio']:.2f}, {ge['paired']['n_pairs']} gradients)" if ge else "")),
+             f"same weights ({_times(ge['paired']['ratio'])}{ge['paired']['n_pairs']} gradients)" if ge else "")),
     ]
     lines = ["| quantity | DeepSeek-V3 | ours |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
